@@ -119,7 +119,7 @@ def dequantize(w: QWeight) -> np.ndarray:
     """The float32 matrix (..., N, K) that a QWeight stands for."""
     kind = w.kind
     if kind in ("f32", "f16"):
-        return w.data.astype(np.float32)
+        return w.data.astype(np.float32, copy=False)  # f32: the memmap itself, no copy
     if kind == "bf16":
         return (w.data.astype(np.uint32) << 16).view(np.float32)
     scales = w.scales.astype(np.float32)[..., None]  # (..., N, K//G, 1)

@@ -662,7 +662,9 @@ def chat(model: Model, sampler: Sampler, system: str | None = None, max_tokens: 
         if state.pos == 0:
             ids = tok.encode_dialog(([{"role": "system", "content": system}] if system else []) + message)
         else:
-            ids = tok.end_of_turn_ids() + tok.encode_dialog_continuation(message)
+            # the answer's stop token was sampled but never fed: close the turn with it, then the new message
+            end_of_turn = tok.eot_id if tok.eot_id is not None else tok.eos_id
+            ids = [end_of_turn] + tok.encode_dialog_continuation(message)
         if state.pos + len(ids) >= model.ctx:
             print(f"[context full: {state.pos} of {model.ctx} positions used; /reset to start over, "
                   f"or restart with a larger --ctx]", file=sys.stderr)
