@@ -641,7 +641,8 @@ def _detokenize(tok, tokens):
 
 def chat(model: Model, sampler: Sampler, system: str | None = None, max_tokens: int | None = None,
          read=input, write=sys.stdout.write):
-    """Read user turns until EOF (Ctrl-D); /reset clears the conversation; Ctrl-C stops the current answer."""
+    """Read user turns until EOF (Ctrl-D), then return the run state; /reset clears the conversation;
+    Ctrl-C stops the current answer."""
     tok = model.tokenizer
     if tok is None or not tok.has_chat_template:
         raise ValueError("--chat needs a model whose file carries a tokenizer with a chat format")
@@ -653,7 +654,7 @@ def chat(model: Model, sampler: Sampler, system: str | None = None, max_tokens: 
             user = read("> ")
         except EOFError:
             write("\n")
-            return
+            return state
         if user.strip() == "/reset":
             state.pos = 0
             print("[conversation cleared]", file=sys.stderr)

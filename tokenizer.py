@@ -15,7 +15,9 @@ Splitting: text is cut into pieces by a regex before BPE (Meta's pattern, LLAMA3
 It uses \\p{L} / \\p{N}, which the stdlib `re` lacks, so the `regex` package is a hard dependency
 (pip install regex). Optional: tiktoken (fast path for Llama 3, same ids), jinja2 (render a model's
 own chat template), sentencepiece (Llama 2 family). Lone surrogates in input text are handled as
-tiktoken does: a surrogate pair becomes its character, a lone surrogate becomes U+FFFD.
+tiktoken does: a surrogate pair becomes its character, a lone surrogate becomes U+FFFD. A byte
+that has no token in a byte-level vocabulary (SmolLM2 has none for 21 bytes, e.g. 0x04) is dropped,
+as llama.cpp and HF do.
 
 Special tokens used by name (Llama 3.1): <|begin_of_text|> 128000 (BOS), <|end_of_text|> 128001,
 <|start_header_id|> 128006, <|end_header_id|> 128007, <|eom_id|> 128008 (end of message: a tool call
@@ -32,7 +34,7 @@ import codecs
 import heapq
 import json
 import os
-from datetime import date
+from datetime import datetime
 
 import regex
 
@@ -105,6 +107,8 @@ META_MAX_RUN_CHARS = 25_000
 
 # GGUF tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = range(1, 7)
+# GGUF keys whose token ends generation.
+GGUF_STOP_KEYS = [f"tokenizer.ggml.{name}_token_id" for name in ("eos", "eot", "eom")]
 
 # Llama 3.1 built-in tools (llama_models.datatypes.BuiltinTool).
 BUILTIN_TOOLS = ["brave_search", "wolfram_alpha", "photogen", "code_interpreter"]
@@ -184,22 +188,30 @@ def _from_tiktoken_file(path, use_tiktoken):
             fields = line.split()
             if not fields:
                 continue
-            if len(fields) != 2 or not fields[1].isdigit() or int(fields[1]) != len(tokens):
+            ok = len(fields) == 2 and fields[0].isascii() and fields[1].isdigit()
+            if not ok or int(fields[1]) != len(tokens):
                 raise ValueError(
                     f"{path}:{lineno}: not a tokenizer file: expected 'base64-token rank' with rank "
                     f"{len(tokens)}, found {line[:60]!r}; accepted files: Meta's Llama 3 "
                     "tokenizer.model, HF tokenizer.json, SentencePiece tokenizer.model"
                 )
             tokens.append(fields[0].decode("ascii"))
+    if len(tokens) < 256:
+        raise ValueError(
+            f"{path}: not a tokenizer file: {len(tokens)} ranks, a Llama 3 tokenizer.model has 128000"
+        )
     return _llama3_tokenizer(tokens, use_tiktoken)
 
 
-def _llama3_tokenizer(b64_tokens, use_tiktoken):
-    """Ranks (base64, rank order) + Meta's 256 special tokens -> Tokenizer with Meta's settings."""
+def _llama3_tokenizer(b64_tokens, use_tiktoken, chat_format="llama3"):
+    """Ranks (base64, rank order) + Meta's 256 special tokens -> Tokenizer with Meta's settings;
+    chat_format None marks a base model (same tokenizer, no chat format)."""
     try:
         ranks = [base64.b64decode(t, validate=True) for t in b64_tokens]
     except ValueError as e:
-        raise ValueError(f"Llama 3 tokenizer: bad base64 token ({e}); is this Meta's tokenizer.model?")
+        raise ValueError(
+            f"Llama 3 tokenizer: bad base64 token ({e}); is this Meta's tokenizer.model?"
+        ) from None
     special = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)}
     return Tokenizer(
         vocab=ranks + [name.encode("utf-8") for name in LLAMA3_SPECIAL_TOKENS],
@@ -209,7 +221,7 @@ def _llama3_tokenizer(b64_tokens, use_tiktoken):
         eos_id=special["<|end_of_text|>"],
         stop_ids={special[name] for name in LLAMA3_STOP_TOKENS},
         add_bos=True,
-        chat_format="llama3",
+        chat_format=chat_format,
         use_tiktoken=use_tiktoken,
     )
 
@@ -225,22 +237,20 @@ def _from_gguf(meta):
     pre = meta.get("tokenizer.ggml.pre", "default")
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = [int(t) for t in meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))]
-    stop_ids = {int(meta[k]) for k in _GGUF_STOP_KEYS if k in meta}
+    stop_ids = {int(meta[k]) for k in GGUF_STOP_KEYS if k in meta}
     bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    eos_id = meta.get("tokenizer.ggml.eos_token_id")
     return _byte_level_tokenizer(
         tokens=tokens,
         types=types,
         merges=list(meta["tokenizer.ggml.merges"]),
         pre=pre,
         bos_id=None if bos_id is None else int(bos_id),
-        eos_id=int(meta["tokenizer.ggml.eos_token_id"]) if "tokenizer.ggml.eos_token_id" in meta else None,
+        eos_id=None if eos_id is None else int(eos_id),
         stop_ids=stop_ids,
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         chat_template=meta.get("tokenizer.chat_template"),
     )
-
-
-_GGUF_STOP_KEYS = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
 
 
 def _from_tokenizer_json(data, path):
@@ -338,12 +348,14 @@ def _byte_level_tokenizer(tokens, types, merges, pre, bos_id, eos_id, stop_ids, 
     split_patterns, ignore_merges = pre
     vocab, special, always = [], {}, {}
     for i, (text, kind) in enumerate(zip(tokens, types)):
-        if kind in (TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_UNUSED, TOKEN_BYTE) and text is not None:
+        if text is None:  # an id tokenizer.json leaves unused
+            vocab.append(b"")
+        elif kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED):
+            vocab.append(text.encode("utf-8"))
+            # control tokens are matched in text only when allowed; user-defined always (llama.cpp, HF)
+            (special if kind == TOKEN_CONTROL else always)[text] = i
+        else:
             vocab.append(_unicode_to_bytes(text, i))
-            continue
-        vocab.append(b"" if text is None else text.encode("utf-8"))
-        # control tokens are matched in text only when allowed; user-defined ones always (llama.cpp, HF)
-        (special if kind == TOKEN_CONTROL else always)[text] = i
     stop_ids = set(stop_ids) | {special[t] for t in KNOWN_STOP_TOKENS if t in special}
     return Tokenizer(
         vocab=vocab,
@@ -370,18 +382,21 @@ def _from_dict(d, use_tiktoken):
     if d["type"] == "sentencepiece":
         return SentencePieceTokenizer(base64.b64decode(d["model"]))
     if d["type"] == "llama3":
-        return _llama3_tokenizer(d["ranks"], use_tiktoken)
+        return _llama3_tokenizer(d["ranks"], use_tiktoken, d["chat_format"])
     if d["type"] == "bpe":
-        return Tokenizer(
-            vocab=[_unicode_to_bytes(t, i) for i, t in enumerate(d["tokens"])],
-            merges=[m.split(" ") for m in d["merges"]],
-            special_tokens=d["special_tokens"],
-            user_defined_tokens=d["user_defined_tokens"],
-            split_patterns=d["split_patterns"],
-            ignore_merges=d["ignore_merges"],
+        types = [TOKEN_NORMAL] * len(d["tokens"])
+        for i in d["special_tokens"].values():
+            types[i] = TOKEN_CONTROL
+        for i in d["user_defined_tokens"].values():
+            types[i] = TOKEN_USER_DEFINED
+        return _byte_level_tokenizer(
+            tokens=d["tokens"],
+            types=types,
+            merges=d["merges"],
+            pre=(d["split_patterns"], d["ignore_merges"]),
             bos_id=d["bos_id"],
             eos_id=d["eos_id"],
-            stop_ids=set(d["stop_ids"]),
+            stop_ids=d["stop_ids"],
             add_bos=d["add_bos"],
             chat_template=d["chat_template"],
         )
@@ -395,7 +410,8 @@ def _from_dict(d, use_tiktoken):
 
 def _bytes_to_unicode():
     """GPT-2's table: printable Latin-1 bytes map to themselves, the other 68 to U+0100 onwards."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     table = {b: chr(b) for b in printable}
     table.update({b: chr(256 + n) for n, b in enumerate(others)})
@@ -537,7 +553,6 @@ class Tokenizer:
         if merges is not None:
             self._merges = self._pair_ranks(merges)
         self._rank = self._rank_by_token if merges is None else self._rank_by_pair
-        self._check_bytes_present()
         self._cache = {}
         self._tiktoken = self._build_tiktoken(use_tiktoken)
 
@@ -545,7 +560,8 @@ class Tokenizer:
 
     def _check_ids(self):
         n = len(self._vocab)
-        named = {"bos_id": self.bos_id, "eos_id": self.eos_id, **{f"stop id {i}": i for i in self.eos_ids}}
+        named = {"bos_id": self.bos_id, "eos_id": self.eos_id}
+        named.update({f"stop id {i}": i for i in self.eos_ids})
         for name, i in named.items():
             if i is not None and not 0 <= i < n:
                 raise ValueError(f"tokenizer: {name} = {i} is outside the vocabulary (0..{n - 1})")
@@ -560,20 +576,14 @@ class Tokenizer:
             ranks.setdefault(pair, rank)
         return ranks
 
-    def _check_bytes_present(self):
-        missing = [b for b in range(256) if bytes([b]) not in self._ids]
-        if missing:
-            raise ValueError(
-                f"tokenizer: {len(missing)} single bytes have no token (first: {missing[0]:#04x}); "
-                "a byte-level BPE vocabulary needs all 256"
-            )
-
     def _build_tiktoken(self, use_tiktoken):
         """tiktoken.Encoding with the same ranks, for Llama 3 only (it has no pair-merges mode)."""
-        if use_tiktoken is False or use_tiktoken is None and (tiktoken is None or self._merges is not None):
+        if use_tiktoken is None:
+            use_tiktoken = tiktoken is not None and self._merges is None
+        if not use_tiktoken:
             return None
         if self._merges is not None:
-            raise ValueError("use_tiktoken=True works for Llama 3 (rank) tokenizers only, not merges-based ones")
+            raise ValueError("use_tiktoken=True works for Llama 3 (rank) tokenizers, not merges-based ones")
         if tiktoken is None:
             raise RuntimeError("use_tiktoken=True but tiktoken is not installed: pip install tiktoken")
         return tiktoken.Encoding(
@@ -635,7 +645,7 @@ class Tokenizer:
         else:
             unknown = set(allowed_special) - set(self.special_tokens)
             if unknown:
-                raise ValueError(f"allowed_special: {sorted(unknown)[:5]} are not special tokens of this tokenizer")
+                raise ValueError(f"allowed_special: {sorted(unknown)[:5]} are not special tokens here")
             allowed = {t: self.special_tokens[t] for t in allowed_special}
         return {**allowed, **self.user_defined_tokens}
 
@@ -686,14 +696,15 @@ class Tokenizer:
         """One pre-tokenized piece (bytes) -> ids."""
         if self.ignore_merges and word in self._ids:
             return [self._ids[word]]
-        return [self._ids[part] for part in bpe_merge(word, self._rank)]
+        # a byte with no token (SmolLM2 lacks 21, e.g. 0x04) is dropped, as llama.cpp and HF do
+        return [i for i in map(self._ids.get, bpe_merge(word, self._rank)) if i is not None]
 
     # --- decode
 
     def token_bytes(self, token_id):
         """The bytes one id stands for (special tokens: their text)."""
         if not 0 <= token_id < len(self._vocab):
-            raise ValueError(f"decode: token id {token_id} is outside the vocabulary (0..{len(self._vocab) - 1})")
+            raise ValueError(f"decode: token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
         return self._vocab[token_id]
 
     def decode(self, ids):
@@ -769,8 +780,8 @@ class Tokenizer:
         for message in messages:
             _check_message(message, None)
         if jinja2 is not None:
-            return _render_jinja(self.chat_template, messages, tools, add_generation_prompt,
-                                 bos_token=self._token_text(self.bos_id), eos_token=self._token_text(self.eos_id))
+            bos, eos = self._token_text(self.bos_id), self._token_text(self.eos_id)
+            return _render_jinja(self.chat_template, messages, tools, add_generation_prompt, bos, eos)
         if "<|im_start|>" in self.chat_template and not tools:
             return _render_chatml(messages, add_generation_prompt)
         raise RuntimeError("this model's chat template needs jinja2 to render: pip install jinja2")
@@ -787,8 +798,8 @@ class Tokenizer:
         before = self._render_template(head, None, add_generation_prompt=False)
         after = self._render_template(head + list(messages), None, add_generation_prompt=True)
         cut = before.rindex(marker) + len(marker)
-        stops = [before.find(t, cut) + len(t) for t in map(self._token_text, self.eos_ids) if t and t in before[cut:]]
-        cut = min(stops, default=cut)
+        stop_texts = [t for t in map(self._token_text, self.eos_ids) if t and t in before[cut:]]
+        cut = min((before.find(t, cut) + len(t) for t in stop_texts), default=cut)
         if after[:cut] != before[:cut]:
             raise ValueError("this chat template re-renders earlier turns when messages are added; "
                              "re-encode the whole dialog with encode_dialog instead")
@@ -797,19 +808,25 @@ class Tokenizer:
     # --- serialization
 
     def to_dict(self):
-        """JSON-serializable description; load(d) rebuilds this tokenizer."""
+        """JSON-serializable description; load(d) rebuilds this tokenizer.
+
+        Llama 3: {"type": "llama3", "ranks": base64 tokens in rank order, "chat_format": "llama3" or
+        None for a base model}; special tokens, BOS/EOS/stop ids and add_bos are Meta's fixed ones.
+        Other BPE: {"type": "bpe", "tokens" (GGUF's byte-level strings, special tokens as text),
+        "merges" ("a b"), "split_patterns", "ignore_merges", "special_tokens", "user_defined_tokens",
+        "bos_id", "eos_id", "stop_ids", "add_bos", "chat_template"}.
+        """
         common = {"format": DICT_FORMAT, "version": DICT_VERSION}
-        if self.chat_format == "llama3" and self._merges is None:
-            n = len(self._ids)
-            ranks = [base64.b64encode(self._vocab[i]).decode("ascii") for i in range(n)]
-            return {**common, "type": "llama3", "ranks": ranks}
-        specials = {**self.special_tokens, **self.user_defined_tokens}
+        if self._merges is None:
+            ranks = [base64.b64encode(self._vocab[i]).decode("ascii") for i in range(len(self._ids))]
+            return {**common, "type": "llama3", "ranks": ranks, "chat_format": self.chat_format}
+        literal = {*self.special_tokens.values(), *self.user_defined_tokens.values()}
         merges = sorted(self._merges, key=self._merges.get)
         return {
             **common,
             "type": "bpe",
             # special tokens keep their text; other tokens use GPT-2's byte-level strings, as in GGUF
-            "tokens": [t.decode("utf-8") if i in specials.values() else _bytes_to_unicode_text(t)
+            "tokens": [t.decode("utf-8") if i in literal else _bytes_to_unicode_text(t)
                        for i, t in enumerate(self._vocab)],
             "merges": [f"{_bytes_to_unicode_text(a)} {_bytes_to_unicode_text(b)}" for a, b in merges],
             "special_tokens": self.special_tokens,
@@ -839,7 +856,6 @@ class SentencePieceTokenizer:
     chat_format = None
     chat_template = None
     has_chat_template = False
-    special_tokens = {}
 
     def __init__(self, model_proto):
         if sentencepiece is None:
@@ -858,6 +874,7 @@ class SentencePieceTokenizer:
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
         self.eos_ids = frozenset() if self.eos_id is None else frozenset([self.eos_id])
         self.eot_id = None
+        self.special_tokens = {}
         self.add_bos = self.bos_id is not None
         self.vocab_size = sp.get_piece_size()
 
@@ -978,8 +995,9 @@ def _with_llama31_tool_prompts(messages, tools, date_string):
     system = "Environment: ipython\n"
     named = [t for t in builtin if t != "code_interpreter"]
     if named:
-        system += f"Tools: {', '.join(named)}\n"
-    day = date_string or date.today().strftime("%d %B %Y")
+        system += f"Tools: {', '.join(named)}"
+    system += "\n"
+    day = date_string or datetime.now().strftime("%d %B %Y")  # Meta's SystemDefaultGenerator format
     system += f"Cutting Knowledge Date: December 2023\nToday Date: {day}"
     rest = list(messages)
     if rest and rest[0].get("role") == "system":
@@ -1023,14 +1041,18 @@ def _llama31_json_tools_prompt(tools):
     return (
         "Answer the user's question by making use of the following functions if needed.\n"
         "If none of the function can be used, please say so.\n"
-        "Here is a list of functions in JSON format:\n" + "".join(blocks) + "\nReturn function calls in JSON format."
+        "Here is a list of functions in JSON format:\n"
+        + "".join(blocks)
+        + "\nReturn function calls in JSON format."
     )
 
 
 def _jinja_tojson(value):
     """jinja2's |tojson: sorted keys, HTML-unsafe characters escaped."""
     text = json.dumps(value, sort_keys=True)
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("'", "\\u0027")
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("'", "\\u0027")):
+        text = text.replace(char, escaped)
+    return text
 
 
 def _render_jinja(template, messages, tools, add_generation_prompt, bos_token, eos_token):
@@ -1040,7 +1062,7 @@ def _render_jinja(template, messages, tools, add_generation_prompt, bos_token, e
     )
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = _raise_template_error
-    env.globals["strftime_now"] = lambda fmt: date.today().strftime(fmt)
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template).render(
         messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
         bos_token=bos_token, eos_token=eos_token,
