@@ -569,6 +569,7 @@ def generate_tokens(model: Model, state: RunState, prompt_ids, sampler: Sampler,
     for i in range(limit):
         token = sample(sampler, model.host(logits[-1]), recent)
         if token in stop_ids:
+            stats["stop_token"] = token
             break
         if i == 0:  # time decoding from the first generated token on, as prefill is timed separately
             decode_start = time.perf_counter()
@@ -647,6 +648,8 @@ def chat(model: Model, sampler: Sampler, system: str | None = None, max_tokens: 
     if tok is None or not tok.has_chat_template:
         raise ValueError("--chat needs a model whose file carries a tokenizer with a chat format")
     state = model.new_state()
+    end_of_turn = tok.eot_id if tok.eot_id is not None else tok.eos_id
+    last_stop = end_of_turn  # the token that ended the last answer
     print(f"chat with {model.config.n_layers}-layer model, context {model.ctx}; /reset clears, Ctrl-D exits",
           file=sys.stderr)
     while True:
@@ -663,9 +666,9 @@ def chat(model: Model, sampler: Sampler, system: str | None = None, max_tokens: 
         if state.pos == 0:
             ids = tok.encode_dialog(([{"role": "system", "content": system}] if system else []) + message)
         else:
-            # the answer's stop token was sampled but never fed: close the turn with it, then the new message
-            end_of_turn = tok.eot_id if tok.eot_id is not None else tok.eos_id
-            ids = [end_of_turn] + tok.encode_dialog_continuation(message)
+            # the last answer's stop token was sampled but never fed: close that turn with it (or with the
+            # end-of-turn token if the answer was cut short), then the new message
+            ids = [last_stop] + tok.encode_dialog_continuation(message)
         if state.pos + len(ids) >= model.ctx:
             print(f"[context full: {state.pos} of {model.ctx} positions used; /reset to start over, "
                   f"or restart with a larger --ctx]", file=sys.stderr)
@@ -680,6 +683,7 @@ def chat(model: Model, sampler: Sampler, system: str | None = None, max_tokens: 
                 state.pos = turn_start
             write(" [stopped]")
         write("\n")
+        last_stop = stats.get("stop_token", end_of_turn)
         if stats.get("context_full"):
             print("[context full: /reset to start over]", file=sys.stderr)
 

@@ -246,12 +246,27 @@ def llama_cpp_rope_factors(cfg: Config) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
+_K_QUANT_SCALES = {"Q4_K": (144, (0, 2)), "Q5_K": (176, (0, 2)), "Q6_K": (210, (208,))}  # bytes, f16 fields
+
+
+def _random_k_blocks(qtype: str, shape: tuple, seed: int) -> np.ndarray:
+    """Random K-quant blocks (256 weights each) whose float16 scale fields are small and finite."""
+    block_bytes, f16_at = _K_QUANT_SCALES[qtype]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (shape[0], shape[1] // 256, block_bytes), dtype=np.uint8)
+    for at in f16_at:
+        d = (rng.uniform(0.5, 1.5, blocks.shape[:2]) / 64 / np.sqrt(shape[1])).astype(np.float16)
+        blocks[..., at:at + 2] = d.view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return blocks.reshape(shape[0], -1)
+
+
 def build_gguf(path, shape="tiny", seed: int = 0, weights: dict | None = None, matrix_type: str = "F32",
                types: dict | None = None, rope_freqs: bool = True, tokenizer: dict | None = None,
-               metadata: dict | None = None) -> dict:
+               metadata: dict | None = None, arch: str = "llama") -> dict:
     """Write a llama GGUF with gguf.GGUFWriter (Meta's wq/wk layout, as llama.cpp writes it).
 
     matrix_type: ggml type of every matrix (F32 F16 BF16 Q8_0 Q4_0 Q4_1 ...); types: per-our-name overrides.
+    K-quants (Q4_K Q5_K Q6_K), which gguf cannot quantize to, get random blocks instead of the weights.
     rope_freqs: store Llama 3.1 scaling as llama.cpp does (a rope_freqs.weight tensor of divisors).
     Returns the weights as the GGUF holds them: dequantized with gguf's own reference, float32.
     """
@@ -260,7 +275,7 @@ def build_gguf(path, shape="tiny", seed: int = 0, weights: dict | None = None, m
     cfg = shape_config(shape)
     weights = random_weights(cfg, seed) if weights is None else weights
     types = types or {}
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.n_layers)
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.dim)
@@ -299,7 +314,10 @@ def build_gguf(path, shape="tiny", seed: int = 0, weights: dict | None = None, m
             held[key] = value.astype(np.float16).astype(np.float32)
         else:
             t = gguf.GGMLQuantizationType[qtype]
-            data = gguf.quants.quantize(value, t)
+            if qtype in _K_QUANT_SCALES:  # gguf can't quantize to K-quants: random blocks with sane scales
+                data = _random_k_blocks(qtype, value.shape, seed)
+            else:
+                data = gguf.quants.quantize(value, t)
             w.add_tensor(gname, data, raw_dtype=t)
             held[key] = gguf.quants.dequantize(data, t).reshape(value.shape).astype(np.float32)
     w.write_header_to_file()

@@ -139,6 +139,8 @@ def test_llama3_golden_ids(llama3):
 
 
 def test_llama3_corpus_matches_meta(llama3, meta):
+    everything = "".join(corpus_texts())
+    assert all(s in everything for s in ("\r\n", "\r", "\x0b", "\u2028"))  # the checkout kept them
     for text in corpus_texts():
         assert llama3.encode(text, bos=False) == meta.encode(text, bos=False, eos=False), text[:80]
         assert llama3.decode(llama3.encode(text, bos=False)) == text
