@@ -33,14 +33,14 @@ memory stays bounded whatever the model size. The reader is `llama31.load_weight
 
 File layout (version 1):
 
-    | offset  | size         | type  | field        | meaning                                             |
-    | ------- | ------------ | ----- | ------------ | --------------------------------------------------- |
-    | 0       | 4            | bytes | magic        | b"LL31"                                             |
-    | 4       | 4            | u32   | version      | 1; bump on any layout change, the reader refuses others |
-    | 8       | 8            | u64   | header_bytes | length of the UTF-8 JSON header that follows       |
-    | 16      | header_bytes | JSON  | header       | {"config": {...}, "tokenizer": {...} or null, "tensors": [...]} |
-    | ...     | pad          | zeros |              | up to data_offset = round_up(16 + header_bytes, 64) |
-    | ...     | ...          | raw   | tensor data  | every array starts at a multiple of 64 bytes from the file start |
+    | offset | size         | type  | field        | meaning                                                |
+    | ------ | ------------ | ----- | ------------ | ------------------------------------------------------ |
+    | 0      | 4            | bytes | magic        | b"LL31"                                                |
+    | 4      | 4            | u32   | version      | 1; bump on any layout change (the reader refuses others) |
+    | 8      | 8            | u64   | header_bytes | length of the UTF-8 JSON header that follows           |
+    | 16     | header_bytes | JSON  | header       | {"config": ..., "tokenizer": ... or null, "tensors": [...]} |
+    | ...    | pad          | zeros |              | up to data_offset = round_up(16 + header_bytes, 64)    |
+    | ...    | ...          | raw   | tensor data  | every array starts at a multiple of 64 from file start |
     The file ends at the last array's end rounded up to 64 (zero padding): the reader checks that size.
 
     header["config"]: llama31.Config.to_dict(): dim, n_layers, n_heads, n_kv_heads, vocab_size, hidden_dim,
@@ -55,36 +55,39 @@ File layout (version 1):
 
 Weight kinds (kernels.QWeight; a matrix of logical shape (..., N, K), PyTorch Linear layout (out, in)):
 
-    | kind | arrays                                            | element (n, k)                         |
-    | ---- | ------------------------------------------------- | -------------------------------------- |
-    | f32  | float32 (..., N, K)                               | data[n, k]                             |
-    | f16  | float16 (..., N, K)                               | data[n, k]                             |
-    | bf16 | uint16 (..., N, K), the bfloat16 bits             | float32 from bits (data << 16)         |
-    | q8_0 | int8 (..., N, K) + float16 scales (..., N, K//32) | scales[n, k//32] * data[n, k]          |
-    | q4_0 | uint8 (..., N, K//2) + float16 scales (as q8_0)   | scales[n, k//32] * (nibble - 8); byte j of a group holds element j (low nibble) and j+16 (high) |
+    | kind | arrays                                              | element (n, k)                      |
+    | ---- | --------------------------------------------------- | ----------------------------------- |
+    | f32  | float32 (..., N, K)                                 | data[n, k]                          |
+    | f16  | float16 (..., N, K)                                 | data[n, k]                          |
+    | bf16 | uint16 (..., N, K): the bfloat16 bits               | float32 from bits (data << 16)      |
+    | q8_0 | int8 (..., N, K), float16 scales (..., N, K // 32)  | scales[n, k // 32] * data[n, k]     |
+    | q4_0 | uint8 (..., N, K // 2), float16 scales (as q8_0)    | scales[n, k // 32] * (nibble - 8)   |
+    q4_0 packs a group of 32 into 16 bytes: byte j holds element j (low nibble) and element j + 16 (high).
     Quantized kinds use groups of G = 32 weights along K with one float16 scale: exactly ggml's Q8_0/Q4_0
     block, so GGUF tensors carry over bit-exact and the bytes per weight (1.0625 and 0.5625) equal
     llama.cpp's; 32 is also small enough that one outlier spoils few weights. kernels.quantize follows
     ggml's reference quantizers (round half away from zero). A matrix whose K is not a multiple of 32
-    is stored f16, and the converter says so. Norm weights are always f32.
+    is stored f16, and the converter says so. Norm weights are always f32; matrices take --quant.
 
 Tensor table (llama31.tensor_table, file order; names are Meta's; per-layer tensors are stacked on a
-leading L axis; wq/wk rows in Meta's layout: RoPE rotates adjacent pairs (x[2i], x[2i+1]) of each head):
+leading L axis; wq/wk rows in Meta's layout: RoPE rotates adjacent pairs (x[2i], x[2i+1]) of each head).
+Source keys all end in ".weight"; per-layer ones start with layers.l. (Meta), model.layers.l. (HF) or
+blk.l. (GGUF):
 
-    | name           | shape         | kind      | Meta key                      | HF key (model.)                 | GGUF key           |
-    | -------------- | ------------- | --------- | ----------------------------- | ------------------------------- | ------------------ |
-    | tok_embeddings | (V, D)        | requested | tok_embeddings.weight         | embed_tokens.weight             | token_embd         |
-    | attention_norm | (L, D)        | f32       | layers.l.attention_norm       | layers.l.input_layernorm        | blk.l.attn_norm    |
-    | wq             | (L, H*Dh, D)  | requested | layers.l.attention.wq         | layers.l.self_attn.q_proj (permuted) | blk.l.attn_q  |
-    | wk             | (L, KV*Dh, D) | requested | layers.l.attention.wk         | layers.l.self_attn.k_proj (permuted) | blk.l.attn_k  |
-    | wv             | (L, KV*Dh, D) | requested | layers.l.attention.wv         | layers.l.self_attn.v_proj       | blk.l.attn_v       |
-    | wo             | (L, D, H*Dh)  | requested | layers.l.attention.wo         | layers.l.self_attn.o_proj       | blk.l.attn_output  |
-    | ffn_norm       | (L, D)        | f32       | layers.l.ffn_norm             | layers.l.post_attention_layernorm | blk.l.ffn_norm   |
-    | w1 (gate)      | (L, F, D)     | requested | layers.l.feed_forward.w1      | layers.l.mlp.gate_proj          | blk.l.ffn_gate     |
-    | w2 (down)      | (L, D, F)     | requested | layers.l.feed_forward.w2      | layers.l.mlp.down_proj          | blk.l.ffn_down     |
-    | w3 (up)        | (L, F, D)     | requested | layers.l.feed_forward.w3      | layers.l.mlp.up_proj            | blk.l.ffn_up       |
-    | norm           | (D,)          | f32       | norm                          | norm                            | output_norm        |
-    | output         | (V, D)        | requested | output (absent: tied)         | lm_head (outside model.)        | output             |
+    | name           | shape         | Meta key             | HF key                        | GGUF key      |
+    | -------------- | ------------- | -------------------- | ----------------------------- | ------------- |
+    | tok_embeddings | (V, D)        | tok_embeddings       | model.embed_tokens            | token_embd    |
+    | attention_norm | (L, D)        | attention_norm       | input_layernorm               | attn_norm     |
+    | wq             | (L, H*Dh, D)  | attention.wq         | self_attn.q_proj (permuted)   | attn_q        |
+    | wk             | (L, KV*Dh, D) | attention.wk         | self_attn.k_proj (permuted)   | attn_k        |
+    | wv             | (L, KV*Dh, D) | attention.wv         | self_attn.v_proj              | attn_v        |
+    | wo             | (L, D, H*Dh)  | attention.wo         | self_attn.o_proj              | attn_output   |
+    | ffn_norm       | (L, D)        | ffn_norm             | post_attention_layernorm      | ffn_norm      |
+    | w1 (gate)      | (L, F, D)     | feed_forward.w1      | mlp.gate_proj                 | ffn_gate      |
+    | w2 (down)      | (L, D, F)     | feed_forward.w2      | mlp.down_proj                 | ffn_down      |
+    | w3 (up)        | (L, F, D)     | feed_forward.w3      | mlp.up_proj                   | ffn_up        |
+    | norm           | (D,)          | norm                 | model.norm                    | output_norm   |
+    | output         | (V, D)        | output (absent: tied)| lm_head                       | output        |
     Arrays are written in table order, data before scales, each at the next multiple of 64 bytes.
 
 Version history:
@@ -114,10 +117,7 @@ import llama31
 from kernels import QWeight
 from llama31 import ALIGN, GROUP_SIZE, MAGIC, PREAMBLE, VERSION, Config, RopeScaling
 
-try:
-    import tokenizer as tokenizers
-except ImportError:
-    tokenizers = None
+import tokenizer as tokenizers
 
 PER_LAYER = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")  # stacked on axis L
 CHUNK_ELEMENTS = 1 << 23  # weights read, converted and written per step (32 MB as float32): bounds memory
@@ -335,17 +335,21 @@ def read_pth(path: str) -> dict:
     with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
         pickles = [n for n in zf.namelist() if n.endswith("data.pkl")]
         if len(pickles) != 1:
-            raise ValueError(f"{path}: expected one data.pkl in the zip, found {len(pickles)}: not a torch.save file")
+            raise ValueError(f"{path}: expected one data.pkl in the zip, found {len(pickles)}: "
+                             f"not a torch.save file")
         prefix = pickles[0][:-len("data.pkl")]
         if prefix + "byteorder" in zf.namelist() and zf.read(prefix + "byteorder").strip() != b"little":
             raise ValueError(f"{path}: storages are big-endian; only little-endian checkpoints are supported")
         try:
             state = _RestrictedUnpickler(zf.open(pickles[0])).load()
         except _RefusedGlobal as e:
+            if str(e).startswith("torch.") and str(e).endswith("Storage"):  # a dtype we do not read, not code
+                raise ValueError(f"{path}: tensors are stored as {e}; only BFloat16Storage, HalfStorage and "
+                                 f"FloatStorage are read (quantized checkpoints are not supported)") from None
             raise ValueError(
                 f"{path}: refused to load: its pickle asks for {e}, which a checkpoint of bf16/f16/f32 tensors "
-                f"never needs (allowed: {', '.join(m + '.' + n for m, n in _PTH_GLOBALS)}); nothing from the "
-                f"file was run. Only convert checkpoints from a source you trust") from None
+                f"never needs (only torch's tensor records are allowed); nothing from the file was run. Only "
+                f"convert checkpoints from a source you trust") from None
         except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError,
                 KeyError, struct.error) as e:
             raise ValueError(f"{path}: corrupt checkpoint pickle ({type(e).__name__}: {e})") from None
@@ -503,7 +507,7 @@ def read_safetensors(path: str) -> dict:
 
 
 def _hf_rope(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
-    """rope_theta and the Llama 3.1 scaling from config.json (hub: rope_scaling; transformers 5: rope_parameters)."""
+    """rope_theta and Llama 3.1 scaling from config.json (hub: rope_scaling; transformers 5: rope_parameters)."""
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     kind = rope.get("rope_type", rope.get("type", "default"))
@@ -543,7 +547,8 @@ def read_hf_checkpoint(folder: str, notices: list) -> tuple[Config, dict, str | 
             tensors[name] = t
     theta, rope_scaling = _hf_rope(hf, where)
     n_kv_heads = hf.get("num_key_value_heads") or n_heads
-    tied = hf.get("tie_word_embeddings", False) or _HF_NAMES["output"] not in tensors
+    tied = hf.get("tie_word_embeddings")  # absent: tied if there is no lm_head (untied but missing: an error)
+    tied = _HF_NAMES["output"] not in tensors if tied is None else bool(tied)
     cfg = _config(where, dim=dim, n_layers=hf["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
                   vocab_size=hf["vocab_size"], hidden_dim=hf["intermediate_size"],
                   norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=theta,
@@ -790,14 +795,16 @@ def _rope_scaling_from_factors(factors: np.ndarray, cfg_plain: Config, where: st
                      f"high 4, original 8192); pass --rope-factor to choose one")
 
 
-def read_gguf_checkpoint(path: str, notices: list) -> tuple[Config, dict, dict | None]:
-    """Config, tensors and tokenizer metadata of a llama-architecture GGUF file."""
+def read_gguf_checkpoint(path: str, notices: list,
+                         rope_factor: float | None = None) -> tuple[Config, dict, dict | None]:
+    """Config, tensors and tokenizer metadata of a llama-architecture GGUF file (rope_factor: --rope-factor)."""
     meta, tensors = read_gguf(path)
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: general.architecture is {arch!r}; only 'llama' GGUF files are supported")
     if meta.get("llama.expert_count", 0):
-        raise ValueError(f"{path}: a mixture-of-experts model ({meta['llama.expert_count']} experts): not supported")
+        raise ValueError(f"{path}: a mixture-of-experts model ({meta['llama.expert_count']} experts): "
+                         f"not supported")
     scaling_type = meta.get("llama.rope.scaling.type", "none")
     if scaling_type != "none":
         raise ValueError(f"{path}: llama.rope.scaling.type = {scaling_type!r} is not supported (Llama 3.1's "
@@ -824,7 +831,7 @@ def read_gguf_checkpoint(path: str, notices: list) -> tuple[Config, dict, dict |
                   max_seq_len=meta.get("llama.context_length", 8192), rope_scaling=None,
                   tie_embeddings="output.weight" not in tensors)
     rope_freqs = tensors.pop("rope_freqs.weight", None)
-    if rope_freqs is not None:
+    if rope_freqs is not None and rope_factor is None:  # with --rope-factor, convert() sets the scaling
         plain = _config(path, **fields)
         fields["rope_scaling"] = _rope_scaling_from_factors(rope_freqs.rows(0, 1)[0], plain, path)
     cfg = _config(path, **fields)
@@ -880,7 +887,7 @@ def _gather(available: dict, names: dict, cfg: Config, where: str, ignore=()) ->
     return out
 
 
-def read_checkpoint(src: str, notices: list) -> tuple[Config, dict, object, str]:
+def read_checkpoint(src: str, notices: list, rope_factor: float | None = None) -> tuple[Config, dict, object, str]:
     """(config, tensors, tokenizer source, description) of a Meta folder, an HF folder or a GGUF file."""
     try:
         if os.path.isdir(src):
@@ -892,7 +899,7 @@ def read_checkpoint(src: str, notices: list) -> tuple[Config, dict, object, str]
         elif os.path.isfile(src):
             with open(src, "rb") as f:
                 if f.read(4) == GGUF_MAGIC:
-                    return (*read_gguf_checkpoint(src, notices), "GGUF")
+                    return (*read_gguf_checkpoint(src, notices, rope_factor), "GGUF")
         elif not os.path.exists(src):
             raise FileNotFoundError(f"{src}: no such file or folder")
     except KeyError as e:  # a required config key or metadata entry
@@ -903,7 +910,8 @@ def read_checkpoint(src: str, notices: list) -> tuple[Config, dict, object, str]
 
 def _with_rope_factor(cfg: Config, factor: float) -> Config:
     """--rope-factor: Llama 3.1 scaling with this factor (other constants kept); 1 means no scaling."""
-    rs = None if factor == 1 else RopeScaling(**{**vars(cfg.rope_scaling or RopeScaling()), "factor": float(factor)})
+    base = vars(cfg.rope_scaling or RopeScaling())
+    rs = None if factor == 1 else RopeScaling(**{**base, "factor": float(factor)})
     return Config(**{**vars(cfg), "rope_scaling": rs})
 
 
@@ -913,15 +921,12 @@ def _load_tokenizer(source, where: str, vocab_size: int, notices: list) -> dict 
         notices.append(f"{where} has no tokenizer (tokenizer.model, tokenizer.json or GGUF tokenizer.*): "
                        f"the output file runs on token ids")
         return None
-    if tokenizers is None:
-        notices.append("tokenizer.py is not importable here: the output file runs on token ids")
-        return None
     try:
         tok = tokenizers.load(source)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{where}: cannot read the tokenizer ({e}); pass --no-tokenizer to convert without "
                          f"one (the file then runs on token ids)") from None
-    if getattr(tok, "vocab_size", 0) > vocab_size:
+    if tok.vocab_size > vocab_size:
         raise ValueError(f"{where}: the tokenizer has {tok.vocab_size} tokens but the model only {vocab_size} "
                          f"embeddings: they do not belong together; pass --no-tokenizer to convert without it")
     return tok.to_dict()
@@ -1068,7 +1073,7 @@ def convert(src: str, out: str, quant: str = "q8_0", rope_factor: float | None =
     start = time.perf_counter()
     report = _Progress(sys.stderr if progress is None else progress, 0)
     notices = []
-    cfg, tensors, tok_source, description = read_checkpoint(os.fspath(src), notices)
+    cfg, tensors, tok_source, description = read_checkpoint(os.fspath(src), notices, rope_factor)
     if rope_factor is not None:
         cfg = _with_rope_factor(cfg, rope_factor)
         notices.append(f"--rope-factor {rope_factor:g}: rope_scaling = {cfg.rope_scaling}")
@@ -1097,7 +1102,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="convert_weights", description="Convert a Llama checkpoint (Meta .pth folder, Hugging Face "
         "safetensors folder, or GGUF file) into one llama31 model file.",
-        epilog="example: python convert_weights.py ~/models/Meta-Llama-3.1-8B-Instruct llama31-8b.q8_0.bin")
+        epilog="example: python convert_weights.py ~/models/Meta-Llama-3.1-8B-Instruct llama31-8b.q8_0.bin",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="Meta folder (params.json + consolidated.NN.pth), HF folder (config.json + "
                    "*.safetensors) or a .gguf file")
     p.add_argument("out", help="the model file to write (replaced atomically if it exists)")

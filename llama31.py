@@ -199,6 +199,22 @@ class Weights:
     output: QWeight  # (V, D); the same object as tok_embeddings when tied
 
 
+def _tensor_entries(path: str, tensors) -> dict:
+    """The tensor table by name, after checking that every array entry has integer offset and nbytes."""
+    def valid(entry):
+        return isinstance(entry, dict) and isinstance(entry.get("arrays"), list) and all(
+            isinstance(a, dict) and all(type(a.get(key)) is int for key in ("offset", "nbytes"))
+            for a in entry["arrays"])
+    if not isinstance(tensors, list):
+        raise ValueError(f"{path}: header 'tensors' is not a list; {CONVERT_HINT}")
+    for entry in tensors:
+        if not valid(entry):
+            name = entry.get("name") if isinstance(entry, dict) else entry
+            raise ValueError(f"{path}: tensor {name}: entry lacks arrays with integer offset and nbytes; "
+                             f"{CONVERT_HINT}")
+    return {entry.get("name"): entry for entry in tensors}
+
+
 def _tensor_views(path: str, mm: np.memmap, entry: dict, shape: tuple, size: int) -> list[np.ndarray]:
     """Check one tensor-table entry against the config and return views of its arrays."""
     name, kind = entry.get("name"), entry.get("kind")
@@ -207,7 +223,7 @@ def _tensor_views(path: str, mm: np.memmap, entry: dict, shape: tuple, size: int
     if tuple(entry.get("shape", ())) != shape:
         raise ValueError(f"{path}: tensor {name} has shape {entry.get('shape')}, the config implies {list(shape)}")
     layout = kernels.array_layout(kind, shape, GROUP_SIZE)
-    if len(entry.get("arrays", [])) != len(layout):
+    if len(entry["arrays"]) != len(layout):
         raise ValueError(f"{path}: tensor {name} ({kind}) should have {len(layout)} arrays; {CONVERT_HINT}")
     views = []
     for arr, (dtype, arr_shape) in zip(entry["arrays"], layout):
@@ -234,8 +250,8 @@ def load_weights(path: str) -> tuple[Config, dict | None, Weights]:
         cfg = Config.from_dict(header["config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad config in header: {e}; {CONVERT_HINT}") from None
-    entries = {e.get("name"): e for e in header["tensors"] if isinstance(e, dict)}
-    end = max((a["offset"] + a["nbytes"] for e in entries.values() for a in e.get("arrays", [])), default=0)
+    entries = _tensor_entries(path, header["tensors"])
+    end = max((a["offset"] + a["nbytes"] for e in entries.values() for a in e["arrays"]), default=0)
     if size != -(-end // ALIGN) * ALIGN:
         raise ValueError(f"{path}: file is {size} bytes but its tensor table implies "
                          f"{-(-end // ALIGN) * ALIGN}: truncated or padded; {CONVERT_HINT}")

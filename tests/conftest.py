@@ -7,11 +7,9 @@ fixture is built once per session from a fixed seed; nothing is downloaded. Run 
 
 import io
 
-import numpy as np
 import pytest
 
 import convert_weights
-import llama31
 from make_random_checkpoint import SHAPES, build_hf_checkpoint, build_meta_checkpoint, hf_model, random_weights
 
 TINY = SHAPES["tiny"]  # dim 64, 2 layers, 4 heads, 2 kv heads, hidden 128, vocab 256, RoPE factor 32

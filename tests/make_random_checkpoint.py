@@ -75,8 +75,11 @@ def meta_keys(cfg: Config):
             yield _META_NAMES[name], name, None
 
 
-def random_weights(shape, seed: int = 0) -> dict:
-    """Meta-named float32 weights (bf16-exact) of a Llama model, scaled so activations stay O(1)."""
+def random_weights(shape, seed: int = 0, bf16_exact: bool = True) -> dict:
+    """Meta-named float32 weights of a Llama model, scaled so activations stay O(1).
+
+    bf16_exact: round to values bfloat16 holds (what Meta/HF checkpoints store), else full float32.
+    """
     cfg = shape_config(shape)
     rng = np.random.default_rng(seed)
     table = {name: s for name, s, _ in llama31.tensor_table(cfg)}
@@ -88,8 +91,9 @@ def random_weights(shape, seed: int = 0) -> dict:
         elif name == "tok_embeddings":
             w = rng.standard_normal(s, dtype=np.float32)
         else:  # a matrix (N, K): unit-variance outputs for unit-variance inputs; the classifier a bit sharper
-            w = rng.standard_normal(s, dtype=np.float32) * np.float32((3.0 if name == "output" else 1.0) / np.sqrt(s[-1]))
-        weights[key] = _bf16_round(w)
+            scale = (3.0 if name == "output" else 1.0) / np.sqrt(s[-1])
+            w = rng.standard_normal(s, dtype=np.float32) * np.float32(scale)
+        weights[key] = _bf16_round(w) if bf16_exact else w
     return weights
 
 
@@ -164,7 +168,8 @@ def hf_state_dict(weights: dict, cfg: Config) -> dict:
     rename = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
     sub = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-           "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+           "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+           "attention.wv": "self_attn.v_proj",
            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
            "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj"}
     out = {}
@@ -227,7 +232,7 @@ def build_hf_checkpoint(path, shape="tiny", seed: int = 0, weights: dict | None 
 
 
 def llama_cpp_rope_factors(cfg: Config) -> np.ndarray:
-    """llama.cpp's rope_freqs.weight for a Llama 3.1 scaled config (convert_hf_to_gguf's generate_extra_tensors)."""
+    """llama.cpp's rope_freqs.weight for a Llama 3.1 config (convert_hf_to_gguf.py: generate_extra_tensors)."""
     rs = cfg.rope_scaling
     base = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
     low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
@@ -330,8 +335,10 @@ def build_gguf(path, shape="tiny", seed: int = 0, weights: dict | None = None, m
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write a random-weight Llama checkpoint (test/benchmark input).")
     p.add_argument("out", help="output folder (meta, hf) or file (gguf)")
-    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES), help="model shape (default llama-3.2-1b)")
-    p.add_argument("--format", default="meta", choices=["meta", "hf", "gguf"], help="checkpoint format (default meta)")
+    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES),
+                   help="model shape (default llama-3.2-1b)")
+    p.add_argument("--format", default="meta", choices=["meta", "hf", "gguf"],
+                   help="checkpoint format (default meta)")
     p.add_argument("--shards", type=int, default=1, help="Meta model-parallel shards (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = p.parse_args(argv)
