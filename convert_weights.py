@@ -115,9 +115,8 @@ import numpy as np
 import kernels
 import llama31
 from kernels import QWeight
-from llama31 import ALIGN, GROUP_SIZE, MAGIC, PREAMBLE, VERSION, Config, RopeScaling
-
 import tokenizer as tokenizers
+from llama31 import ALIGN, GROUP_SIZE, MAGIC, PREAMBLE, VERSION, Config, RopeScaling
 
 PER_LAYER = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")  # stacked on axis L
 CHUNK_ELEMENTS = 1 << 23  # weights read, converted and written per step (32 MB as float32): bounds memory
