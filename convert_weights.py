@@ -388,7 +388,7 @@ def read_pth(path: str) -> dict:
 _META_KEYS = {  # params.json keys this converter understands (Llama 3 / 3.1 / 3.2 text models)
     "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
     "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len", "max_batch_size"}
-_META_NAMES = {
+META_NAMES = {
     "tok_embeddings": "tok_embeddings.weight", "attention_norm": "layers.{l}.attention_norm.weight",
     "wq": "layers.{l}.attention.wq.weight", "wk": "layers.{l}.attention.wk.weight",
     "wv": "layers.{l}.attention.wv.weight", "wo": "layers.{l}.attention.wo.weight",
@@ -440,10 +440,10 @@ def read_meta_checkpoint(folder: str, notices: list) -> tuple[Config, dict, str 
     n_heads = params["n_heads"]
     n_kv_heads = params.get("n_kv_heads") or n_heads
     tensors = _merge_shards([read_pth(p) for p in paths], n_kv_heads, folder)
-    for key in (_META_NAMES["tok_embeddings"], "layers.0.feed_forward.w1.weight"):
+    for key in (META_NAMES["tok_embeddings"], "layers.0.feed_forward.w1.weight"):
         if key not in tensors:
             raise ValueError(f"{paths[0]}: tensor {key} is missing: not a Llama checkpoint")
-    vocab_size = tensors[_META_NAMES["tok_embeddings"]].shape[0]
+    vocab_size = tensors[META_NAMES["tok_embeddings"]].shape[0]
     if params.get("vocab_size", -1) > 0 and params["vocab_size"] != vocab_size:
         raise ValueError(f"{where}: vocab_size {params['vocab_size']} but tok_embeddings has {vocab_size} rows")
     rope_scaling = None
@@ -456,8 +456,8 @@ def read_meta_checkpoint(folder: str, notices: list) -> tuple[Config, dict, str 
                   vocab_size=vocab_size, hidden_dim=tensors["layers.0.feed_forward.w1.weight"].shape[0],
                   norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
                   max_seq_len=params.get("max_seq_len") or (131072 if rope_scaling else 8192),
-                  rope_scaling=rope_scaling, tie_embeddings=_META_NAMES["output"] not in tensors)
-    out = _gather(tensors, _META_NAMES, cfg, folder, ignore={"rope.freqs"})  # rope.freqs: Llama 2's table
+                  rope_scaling=rope_scaling, tie_embeddings=META_NAMES["output"] not in tensors)
+    out = _gather(tensors, META_NAMES, cfg, folder, ignore={"rope.freqs"})  # rope.freqs: Llama 2's table
     tok = os.path.join(folder, "tokenizer.model")
     return cfg, out, tok if os.path.isfile(tok) else None
 
@@ -467,7 +467,7 @@ def read_meta_checkpoint(folder: str, notices: list) -> tuple[Config, dict, str 
 # config.json + *.safetensors: a little-endian u64 header length, a JSON header, then raw arrays.
 
 _SAFETENSORS_DTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
-_HF_NAMES = {
+HF_NAMES = {
     "tok_embeddings": "model.embed_tokens.weight", "attention_norm": "model.layers.{l}.input_layernorm.weight",
     "wq": "model.layers.{l}.self_attn.q_proj.weight", "wk": "model.layers.{l}.self_attn.k_proj.weight",
     "wv": "model.layers.{l}.self_attn.v_proj.weight", "wo": "model.layers.{l}.self_attn.o_proj.weight",
@@ -547,15 +547,15 @@ def read_hf_checkpoint(folder: str, notices: list) -> tuple[Config, dict, str | 
     theta, rope_scaling = _hf_rope(hf, where)
     n_kv_heads = hf.get("num_key_value_heads") or n_heads
     tied = hf.get("tie_word_embeddings")  # absent: tied if there is no lm_head (untied but missing: an error)
-    tied = _HF_NAMES["output"] not in tensors if tied is None else bool(tied)
+    tied = HF_NAMES["output"] not in tensors if tied is None else bool(tied)
     cfg = _config(where, dim=dim, n_layers=hf["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
                   vocab_size=hf["vocab_size"], hidden_dim=hf["intermediate_size"],
                   norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=theta,
                   max_seq_len=hf.get("max_position_embeddings", 8192), rope_scaling=rope_scaling,
                   tie_embeddings=tied)
-    ignore = {_HF_NAMES["output"]} if tied else set()  # a tied lm_head saved anyway is the embedding again
+    ignore = {HF_NAMES["output"]} if tied else set()  # a tied lm_head saved anyway is the embedding again
     ignore |= {f"model.layers.{l}.self_attn.rotary_emb.inv_freq" for l in range(cfg.n_layers)}  # old HF
-    out = _gather(tensors, _HF_NAMES, cfg, folder, ignore=ignore)
+    out = _gather(tensors, HF_NAMES, cfg, folder, ignore=ignore)
     out["wq"] = [_Unpermuted(t, n_heads) for t in out["wq"]]
     out["wk"] = [_Unpermuted(t, n_kv_heads) for t in out["wk"]]
     tok = None
@@ -773,7 +773,7 @@ def read_gguf(path: str) -> tuple[dict, dict]:
     return meta, tensors
 
 
-_GGUF_NAMES = {
+GGUF_NAMES = {
     "tok_embeddings": "token_embd.weight", "attention_norm": "blk.{l}.attn_norm.weight",
     "wq": "blk.{l}.attn_q.weight", "wk": "blk.{l}.attn_k.weight", "wv": "blk.{l}.attn_v.weight",
     "wo": "blk.{l}.attn_output.weight", "ffn_norm": "blk.{l}.ffn_norm.weight", "w1": "blk.{l}.ffn_gate.weight",
@@ -835,7 +835,7 @@ def read_gguf_checkpoint(path: str, notices: list,
         fields["rope_scaling"] = _rope_scaling_from_factors(rope_freqs.rows(0, 1)[0], plain, path)
     cfg = _config(path, **fields)
     tok = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
-    return cfg, _gather(tensors, _GGUF_NAMES, cfg, path), tok if "tokenizer.ggml.model" in tok else None
+    return cfg, _gather(tensors, GGUF_NAMES, cfg, path), tok if "tokenizer.ggml.model" in tok else None
 
 
 # -----------------------------------------------------------------------------

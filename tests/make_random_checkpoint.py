@@ -22,6 +22,7 @@ import sys
 import numpy as np
 
 import llama31
+from convert_weights import GGUF_NAMES, META_NAMES, PER_LAYER
 from llama31 import Config, RopeScaling
 
 SHAPES = {
@@ -38,20 +39,7 @@ SHAPES = {
     "llama-3.1-8b": Config(),
 }
 
-_META_NAMES = {  # Meta key of each of our tensors (layer tensors per layer)
-    "tok_embeddings": "tok_embeddings.weight", "attention_norm": "layers.{l}.attention_norm.weight",
-    "wq": "layers.{l}.attention.wq.weight", "wk": "layers.{l}.attention.wk.weight",
-    "wv": "layers.{l}.attention.wv.weight", "wo": "layers.{l}.attention.wo.weight",
-    "ffn_norm": "layers.{l}.ffn_norm.weight", "w1": "layers.{l}.feed_forward.w1.weight",
-    "w2": "layers.{l}.feed_forward.w2.weight", "w3": "layers.{l}.feed_forward.w3.weight",
-    "norm": "norm.weight", "output": "output.weight"}
-_GGUF_NAMES = {
-    "tok_embeddings": "token_embd.weight", "attention_norm": "blk.{l}.attn_norm.weight",
-    "wq": "blk.{l}.attn_q.weight", "wk": "blk.{l}.attn_k.weight", "wv": "blk.{l}.attn_v.weight",
-    "wo": "blk.{l}.attn_output.weight", "ffn_norm": "blk.{l}.ffn_norm.weight", "w1": "blk.{l}.ffn_gate.weight",
-    "w2": "blk.{l}.ffn_down.weight", "w3": "blk.{l}.ffn_up.weight", "norm": "output_norm.weight",
-    "output": "output.weight"}
-_LAYER = {"attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3"}
+
 _ROW_PARALLEL = {"wo", "w2"}  # split on axis 1 across model-parallel shards; norms replicated; the rest axis 0
 
 
@@ -68,11 +56,11 @@ def _bf16_round(w: np.ndarray) -> np.ndarray:
 def meta_keys(cfg: Config):
     """(Meta key, our name, layer or None) for every tensor of a checkpoint of this config, in table order."""
     for name, _, _ in llama31.tensor_table(cfg):
-        if name in _LAYER:
+        if name in PER_LAYER:
             for l in range(cfg.n_layers):
-                yield _META_NAMES[name].format(l=l), name, l
+                yield META_NAMES[name].format(l=l), name, l
         else:
-            yield _META_NAMES[name], name, None
+            yield META_NAMES[name], name, None
 
 
 def random_weights(shape, seed: int = 0, bf16_exact: bool = True) -> dict:
@@ -309,7 +297,7 @@ def build_gguf(path, shape="tiny", seed: int = 0, weights: dict | None = None, m
     held = {}
     for key, name, l in meta_keys(cfg):
         value = weights[key]
-        gname = _GGUF_NAMES[name].format(l=l)
+        gname = GGUF_NAMES[name].format(l=l)
         qtype = "F32" if value.ndim == 1 else types.get(name, matrix_type)
         if qtype == "F32":
             w.add_tensor(gname, value)
