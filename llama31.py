@@ -288,6 +288,7 @@ class RunState:
     hb2: np.ndarray  # (T_max, F) FFN up
     logits: np.ndarray  # (T_max, V)
     pos: int = 0  # tokens already in the cache: the position of the next token
+    graph: object = None  # the decode step captured as a CUDA graph (cupy backend), made on first use
 
 
 def kv_cache_bytes(cfg: Config, ctx: int) -> int:
@@ -361,17 +362,18 @@ def split_layers(w: Weights, n_layers: int) -> list[LayerWeights]:
 
 # -----------------------------------------------------------------------------
 # Forward
-# One pass of the transformer over T new tokens at positions state.pos..state.pos+T-1: T = 1 is a decode
-# step (matrix-vector products), T > 1 a batched prefill (matrix-matrix). Returns the logits.
+# One pass of the transformer over T new tokens at positions pos..pos+T-1: T = 1 is a decode step
+# (matrix-vector products), T > 1 a batched prefill (matrix-matrix). Returns the logits.
 
 
-def forward(model: "Model", state: RunState, tokens, all_logits: bool = False):
-    """Run tokens (T,) through the model, append their keys/values to the cache and advance state.pos.
+def forward(model: "Model", state: RunState, tokens, pos, all_logits: bool = False):
+    """Run tokens (T,) at positions pos..pos+T-1 through the model, writing their keys/values to the cache.
 
+    pos is an int, or a device scalar inside a captured CUDA graph; the caller advances state.pos.
     Returns logits (T, V) if all_logits else (1, V) for the last token, as a view of state.logits.
     """
     cfg, w, ops = model.config, model.weights, model.ops
-    T, pos = len(tokens), state.pos
+    T = len(tokens)
     H, KV, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     x, xb, xb2 = state.x[:T], state.xb[:T], state.xb2[:T]  # (T, D)
     q, k, v, att = state.q[:T], state.k[:T], state.v[:T], state.att[:T]  # (T, H*Dh), (T, KV*Dh) x2, (T, H*Dh)
@@ -409,7 +411,6 @@ def forward(model: "Model", state: RunState, tokens, all_logits: bool = False):
     ops.rmsnorm(xb[rows], x[rows], w.norm, cfg.norm_eps)
     logits = state.logits[:rows.stop - rows.start]  # (T or 1, V)
     ops.matmul(logits, xb[rows], w.output)
-    state.pos += T
     return logits
 
 
@@ -447,7 +448,7 @@ def _weights_to(xp, w: Weights) -> Weights:
 class Model:
     """A llama31 model file loaded for inference; see load()."""
 
-    def __init__(self, path: str, backend: str = "auto", ctx: int | None = None, prefill_chunk: int = 128):
+    def __init__(self, path: str, backend: str = "auto", ctx: int | None = None, prefill_chunk: int | None = None):
         start = time.perf_counter()
         self.backend = kernels.pick_backend(backend)
         self.ops = kernels.ops_for(self.backend)
@@ -460,7 +461,8 @@ class Model:
         self.layers = split_layers(self.weights, self.config.n_layers)
         cos, sin = rope_tables(self.config, self.ctx)
         self.rope_cos, self.rope_sin = self.ops.xp.asarray(cos), self.ops.xp.asarray(sin)
-        self.prefill_chunk = prefill_chunk
+        # tokens per prefill pass: the GPU dequantizes every weight once per pass, so it takes larger bites
+        self.prefill_chunk = prefill_chunk or (2048 if self.backend == "cupy" else 128)
         self.load_seconds = time.perf_counter() - start
 
     def new_state(self) -> RunState:
@@ -483,8 +485,30 @@ class Model:
             raise ValueError(f"{state.pos + len(token_ids)} tokens do not fit the context of {self.ctx}; "
                              f"use a larger --ctx (this model allows up to {self.config.max_seq_len})")
         for start in range(0, len(token_ids), self.prefill_chunk):
-            logits = forward(self, state, token_ids[start:start + self.prefill_chunk])
+            chunk = token_ids[start:start + self.prefill_chunk]
+            logits = forward(self, state, chunk, state.pos)
+            state.pos += len(chunk)
         return logits
+
+    def decode(self, state: RunState, token: int):
+        """One decode step: logits (1, V) of token at state.pos; on the GPU, a replayed CUDA graph."""
+        if self.backend == "cupy":
+            if state.graph is None:  # capture once; later steps only copy in the token and position
+                def step(token_dev, pos_dev):
+                    return forward(self, state, token_dev, pos_dev)
+                state.graph = kernels.CudaGraphStep(step)
+            logits = state.graph(token, state.pos)
+        else:
+            logits = forward(self, state, np.array([token]), state.pos)
+        state.pos += 1
+        return logits
+
+    def next_token(self, sampler: "Sampler", logits, recent_tokens) -> int:
+        """Sample from the last row of logits: on the GPU when the sampler needs only temperature and top-p."""
+        if self.backend == "cupy" and (sampler.repetition_penalty, sampler.top_k, sampler.min_p) == (1.0, 0, 0.0):
+            coin = sampler.rng.random() if sampler.temperature > 0 else 0.0  # draws as the host path does
+            return kernels.sample_cuda(logits[-1], sampler.temperature, sampler.top_p, coin)
+        return sample(sampler, self.host(logits[-1]), recent_tokens)
 
     def logits(self, token_ids) -> np.ndarray:
         """Logits (T, V) float32 for every position of token_ids, in a fresh context."""
@@ -492,7 +516,7 @@ class Model:
         if len(token_ids) > self.ctx:
             raise ValueError(f"{len(token_ids)} tokens exceed the context of {self.ctx}; load with a larger ctx")
         state = self.new_state()
-        chunks = [self.host(forward(self, state, token_ids[s:s + self.prefill_chunk], all_logits=True)).copy()
+        chunks = [self.host(forward(self, state, token_ids[s:s + self.prefill_chunk], s, all_logits=True)).copy()
                   for s in range(0, len(token_ids), self.prefill_chunk)]
         return np.concatenate(chunks)
 
@@ -583,7 +607,7 @@ def generate_tokens(model: Model, state: RunState, prompt_ids, sampler: Sampler,
     recent = list(prompt_ids[-repeat_window:])
     limit = model.ctx - state.pos if max_tokens is None else max_tokens
     for i in range(limit):
-        token = sample(sampler, model.host(logits[-1]), recent)
+        token = model.next_token(sampler, logits, recent)
         if token in stop_ids:
             stats["stop_token"] = token
             break
@@ -595,7 +619,7 @@ def generate_tokens(model: Model, state: RunState, prompt_ids, sampler: Sampler,
         if state.pos >= model.ctx:
             stats["context_full"] = True
             break
-        logits = forward(model, state, np.array([token]))
+        logits = model.decode(state, token)
         recent = (recent + [token])[-repeat_window:]
 
 

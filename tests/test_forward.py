@@ -66,7 +66,7 @@ def test_decode_steps_equal_batched_prefill(tiny_model_file, backend):
     model = llama31.load(tiny_model_file, backend=backend)
     ids = np.random.default_rng(2).integers(0, TINY.vocab_size, 40)
     state = model.new_state()
-    stepwise = np.concatenate([llama31.forward(model, state, ids[t:t + 1]).copy() for t in range(len(ids))])
+    stepwise = np.concatenate([model.decode(state, int(token)).copy() for token in ids])
     assert state.pos == len(ids)
     np.testing.assert_allclose(stepwise, model.logits(ids), rtol=1e-4, atol=1e-4)
 
