@@ -255,7 +255,8 @@ def load_weights(path: str) -> tuple[Config, dict | None, Weights]:
     if size != -(-end // ALIGN) * ALIGN:
         raise ValueError(f"{path}: file is {size} bytes but its tensor table implies "
                          f"{-(-end // ALIGN) * ALIGN}: truncated or padded; {CONVERT_HINT}")
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    # plain ndarray views of the mapping (they keep it alive): numba takes np.memmap arguments 4x slower
+    mm = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
     tensors = {}
     for name, shape, is_matrix in tensor_table(cfg):
         if name not in entries:
@@ -296,16 +297,16 @@ def kv_cache_bytes(cfg: Config, ctx: int) -> int:
     return 2 * cfg.n_layers * ctx * cfg.kv_dim * 4
 
 
-def build_run_state(cfg: Config, ctx: int, max_tokens_per_call: int, xp=np) -> RunState:
-    T, D, F = max_tokens_per_call, cfg.dim, cfg.hidden_dim
+def build_run_state(cfg: Config, ctx: int, max_tokens_per_call: int, zeros=np.zeros) -> RunState:
+    """Buffers for calls of up to max_tokens_per_call tokens; zeros(shape, dtype) allocates on the backend."""
+    T, D, F, HDh = max_tokens_per_call, cfg.dim, cfg.hidden_dim, cfg.n_heads * cfg.head_dim
     cache_shape = (cfg.n_layers, ctx, cfg.n_kv_heads, cfg.head_dim)
+    f32 = np.float32
     return RunState(
-        key_cache=xp.zeros(cache_shape, np.float32), value_cache=xp.zeros(cache_shape, np.float32),
-        x=xp.zeros((T, D), np.float32), xb=xp.zeros((T, D), np.float32), xb2=xp.zeros((T, D), np.float32),
-        q=xp.zeros((T, cfg.n_heads * cfg.head_dim), np.float32), k=xp.zeros((T, cfg.kv_dim), np.float32),
-        v=xp.zeros((T, cfg.kv_dim), np.float32), att=xp.zeros((T, cfg.n_heads * cfg.head_dim), np.float32),
-        hb=xp.zeros((T, F), np.float32), hb2=xp.zeros((T, F), np.float32),
-        logits=xp.zeros((T, cfg.vocab_size), np.float32),
+        key_cache=zeros(cache_shape, f32), value_cache=zeros(cache_shape, f32),
+        x=zeros((T, D), f32), xb=zeros((T, D), f32), xb2=zeros((T, D), f32),
+        q=zeros((T, HDh), f32), k=zeros((T, cfg.kv_dim), f32), v=zeros((T, cfg.kv_dim), f32), att=zeros((T, HDh), f32),
+        hb=zeros((T, F), f32), hb2=zeros((T, F), f32), logits=zeros((T, cfg.vocab_size), f32),
     )
 
 
@@ -472,7 +473,7 @@ class Model:
         if have is not None and need > have:
             raise MemoryError(f"a KV cache of {self.ctx} positions needs {need / 2**30:.1f} GiB but only "
                               f"{have / 2**30:.1f} GiB is free; choose a smaller --ctx")
-        return build_run_state(self.config, self.ctx, self.prefill_chunk, self.ops.xp)
+        return build_run_state(self.config, self.ctx, self.prefill_chunk, self.ops.zeros)
 
     def host(self, a) -> np.ndarray:
         """A backend array as a numpy array (a no-op on the CPU backends)."""
@@ -796,6 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba", "cupy"],
                    help="kernels to run on (default auto: numba if installed, else numpy)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="cuda = --backend cupy; cpu = numba or numpy")
+    p.add_argument("--threads", type=int, help="CPU threads for the numba kernels (default: all cores)")
     p.add_argument("--raw", action="store_true", help="plain completion: no chat template for instruct models")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat in the terminal")
     p.add_argument("--system", help="system prompt for the chat template")
@@ -838,6 +840,8 @@ def main(argv=None) -> int:
     check_args(parser, args)
     backend = {"cuda": "cupy", "cpu": "auto", None: args.backend}[args.device]
     try:
+        if args.threads is not None:
+            kernels.set_threads(args.threads)
         model = load(resolve_model(args.model), backend=backend, ctx=args.ctx)
         notice = kernels.backend_notice(model.backend)
         if notice:

@@ -144,8 +144,9 @@ def scripted(*lines):
     return read
 
 
-def test_chat_keeps_the_kv_cache_across_turns(ours, monkeypatch):
-    model = ours["q8_0"]
+def test_chat_keeps_the_kv_cache_across_turns(converted, monkeypatch):
+    # numpy: numba's decode rounds activations to int8, which a fresh batched prefill does not
+    model = llama31.load(converted["q8_0"], backend="numpy")
     fed = []  # every token that entered the cache, in order: prompts and generated tokens
     prompts = []
     original = llama31.generate_tokens
@@ -158,7 +159,7 @@ def test_chat_keeps_the_kv_cache_across_turns(ours, monkeypatch):
             yield token
     monkeypatch.setattr(llama31, "generate_tokens", recording)
     answers = []
-    state = llama31.chat(model, llama31.Sampler(temperature=0.0), max_tokens=24,
+    state = llama31.chat(model, llama31.Sampler(temperature=0.0), max_tokens=12,
                          read=scripted("What is 2+2?", "And 3+3?"), write=answers.append)
     tok = model.tokenizer
     assert prompts[0] == tok.encode_dialog([{"role": "user", "content": "What is 2+2?"}])
@@ -168,7 +169,7 @@ def test_chat_keeps_the_kv_cache_across_turns(ours, monkeypatch):
     assert state.pos == len(fed)
     fresh = model.new_state()
     model.prefill(fresh, fed)
-    np.testing.assert_allclose(state.key_cache[:, :state.pos], fresh.key_cache[:, :state.pos], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(state.key_cache[:, :state.pos], fresh.key_cache[:, :state.pos], rtol=1e-4, atol=1e-4)
     assert "".join(answers).strip()
 
 

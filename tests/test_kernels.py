@@ -1,0 +1,246 @@
+"""The Numba backend: each <op>_numba against its numpy <op>_ref on fresh random inputs, with sizes that do
+not divide the kernels' blocks (16-row blocks, 4-token tiles, 16-lane vectors, 32-key softmax steps), every
+weight kind, all-zero quantization groups, positions at both ends of the cache, GQA ratios 1 and 3, and
+outputs poisoned with NaN so that an element a kernel forgets to write fails. Tolerances are
+kernels.TOLERANCE; the int8 decode matmul is held to matmul_ref on the same int8-rounded activations.
+Also: the backend table without numba, and the whole model on numba against the numpy backend.
+"""
+
+import platform
+
+import numpy as np
+import pytest
+
+import kernels
+import llama31
+
+needs_numba = pytest.mark.skipif(kernels.numba is None, reason="numba is not installed")
+KINDS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def poisoned(*shape):
+    return np.full(shape, np.nan, np.float32)
+
+
+def assert_close(out, ref, op):
+    atol, rtol = kernels.TOLERANCE[op]
+    err = np.abs(out - ref)
+    bad = ~(err <= atol + rtol * np.abs(ref))  # NaN in out counts as bad
+    assert not bad.any(), f"{op}: {bad.sum()} of {out.size} elements off, max |diff| {np.nanmax(err):.3g}"
+
+
+def int8_activations(x):
+    """x as the int8 decode matmul sees it: blocks of 32 with d = amax / 127 and q = round(x / d) (half
+    away from zero); the numpy mirror of kernels._quantize_activations_numba."""
+    g = x.reshape(x.shape[0], -1, kernels.Q_BLOCK)
+    d = np.abs(g).max(axis=-1, keepdims=True) / np.float32(127)
+    inv_d = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    v = g * inv_d
+    return (np.sign(v) * np.floor(np.abs(v) + np.float32(0.5)) * d).reshape(x.shape).astype(np.float32)
+
+
+def random_weight(rng, kind, N, K, group_size=32):
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    if kind in kernels.QUANTIZED and K >= 2 * group_size:
+        w[: N // 2, group_size:2 * group_size] = 0  # all-zero groups: scale 0
+    return kernels.quantize(w, kind, group_size)
+
+
+# -----------------------------------------------------------------------------
+# ops
+
+
+@needs_numba
+@pytest.mark.parametrize("T, D", [(1, 576), (3, 37), (2, 1)])
+def test_rmsnorm(rng, T, D):
+    x, weight = rng.standard_normal((T, D)).astype(np.float32), rng.standard_normal(D).astype(np.float32)
+    out = poisoned(T, D)
+    kernels.rmsnorm_numba(out, x, weight, 1e-5)
+    assert_close(out, kernels.rmsnorm_ref(np.empty_like(out), x, weight, 1e-5), "rmsnorm")
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T", [1, 3, 4, 9])
+@pytest.mark.parametrize("N", [1, 37, 70])
+def test_matmul(rng, kind, T, N):
+    K = 96 if kind in kernels.QUANTIZED else 37  # quantized K is a multiple of 32; float K need not be of 16
+    w = random_weight(rng, kind, N, K)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    x[0, :32] = 0  # an all-zero activation block
+    out = poisoned(T, N)
+    kernels.matmul_numba(out, x, w)
+    seen = int8_activations(x) if kind in kernels.QUANTIZED and T == 1 else x
+    assert_close(out, kernels.matmul_ref(np.empty_like(out), seen, w), "matmul")
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", kernels.QUANTIZED)
+@pytest.mark.parametrize("T", [1, 5])
+def test_matmul_read_only_weights(rng, kind, T):
+    """Model files are memory-mapped read-only (a separate numba specialisation)."""
+    w = random_weight(rng, kind, 50, 256)
+    for a in w:
+        a.setflags(write=False)
+    x = rng.standard_normal((T, 256)).astype(np.float32)
+    out = poisoned(T, 50)
+    kernels.matmul_numba(out, x, w)
+    seen = int8_activations(x) if T == 1 else x
+    assert_close(out, kernels.matmul_ref(np.empty_like(out), seen, w), "matmul")
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", kernels.QUANTIZED)
+def test_matmul_and_embed_reject_other_group_sizes(rng, kind):
+    w = kernels.quantize(rng.standard_normal((8, 128)).astype(np.float32), kind, group_size=64)
+    with pytest.raises(ValueError, match="group size 64"):
+        kernels.matmul_numba(poisoned(1, 8), rng.standard_normal((1, 128)).astype(np.float32), w)
+    with pytest.raises(ValueError, match="group size 64"):
+        kernels.embed_numba(poisoned(1, 128), w, np.array([0]))
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", KINDS)
+def test_embed(rng, kind):
+    V, D = 50, (64 if kind in kernels.QUANTIZED else 37)
+    w = random_weight(rng, kind, V, D)
+    tokens = np.array([0, 7, V - 1, 7], dtype=np.int64)
+    out = poisoned(len(tokens), D)
+    kernels.embed_numba(out, w, tokens)
+    np.testing.assert_array_equal(out, kernels.embed_ref(np.empty_like(out), w, tokens))
+
+
+@needs_numba
+def test_embed_rejects_token_out_of_range(rng):
+    w = kernels.quantize(rng.standard_normal((10, 32)).astype(np.float32), "q8_0")
+    with pytest.raises(IndexError):
+        kernels.embed_numba(poisoned(1, 32), w, np.array([10]))
+
+
+@needs_numba
+@pytest.mark.parametrize("T, n_heads, Dh, pos", [(1, 9, 64, 0), (3, 2, 6, 17), (1, 3, 64, 19)])
+def test_rope(rng, T, n_heads, Dh, pos):
+    S = 20  # pos + T reaches the end of the table in the last two cases
+    angles = rng.uniform(0, 100, (S, Dh // 2)).astype(np.float32)
+    cos, sin = np.cos(angles), np.sin(angles)
+    x = rng.standard_normal((T, n_heads, Dh)).astype(np.float32)
+    got = x.copy()
+    kernels.rope_numba(got, pos, cos, sin)
+    assert_close(got, kernels.rope_ref(x.copy(), pos, cos, sin), "rope")
+
+
+@needs_numba
+@pytest.mark.parametrize("T, H, KV, Dh, pos", [
+    (1, 4, 4, 64, 0),  # first token, GQA ratio 1
+    (1, 9, 3, 64, 70),  # decode, ratio 3, 71 keys: two full 32-key steps and a partial one
+    (5, 6, 2, 8, 27),  # prefill chunk whose keys straddle a step boundary
+    (3, 3, 1, 16, 97),  # the last positions of the cache (S = 100)
+])
+def test_attention(rng, T, H, KV, Dh, pos):
+    S = 100
+    q = rng.standard_normal((T, H, Dh)).astype(np.float32)
+    k, v = rng.standard_normal((2, T, KV, Dh)).astype(np.float32)
+    cache = rng.standard_normal((2, S, KV, Dh)).astype(np.float32)  # rows past pos + T must be ignored
+    ref_k, ref_v = cache[0].copy(), cache[1].copy()
+    ref = kernels.attention_ref(np.empty((T, H * Dh), np.float32), q, k, v, ref_k, ref_v, pos)
+    k_cache, v_cache = cache[0].copy(), cache[1].copy()
+    out = poisoned(T, H * Dh)
+    kernels.attention_numba(out, q, k, v, k_cache, v_cache, pos)
+    assert_close(out, ref, "attention")
+    np.testing.assert_array_equal(k_cache, ref_k)
+    np.testing.assert_array_equal(v_cache, ref_v)
+
+
+@needs_numba
+def test_attention_rejects_positions_past_the_cache(rng):
+    q, k = np.zeros((2, 2, 8), np.float32), np.zeros((2, 1, 8), np.float32)
+    cache = np.zeros((10, 1, 8), np.float32)
+    with pytest.raises(ValueError, match="outside the cache"):
+        kernels.attention_numba(poisoned(2, 16), q, k, k, cache, cache.copy(), 9)
+
+
+@needs_numba
+@pytest.mark.parametrize("T, F", [(1, 1536), (4, 37)])
+def test_swiglu_in_place(rng, T, F):
+    h1 = (rng.standard_normal((T, F)) * 30).astype(np.float32)
+    h1[0, :4] = [-100.0, 100.0, 0.0, -88.0]  # exp overflow, saturation, zero
+    h3 = rng.standard_normal((T, F)).astype(np.float32)
+    ref = kernels.swiglu_ref(np.empty_like(h1), h1, h3)
+    kernels.swiglu_numba(h1, h1, h3)  # in place, as llama31.forward calls it
+    assert_close(h1, ref, "swiglu")
+
+
+@needs_numba
+def test_exp_numba_is_within_2_ulp():
+    x = np.linspace(-87, 88, 100_001, dtype=np.float32)
+    got = kernels.numba.njit(lambda a: np.array([kernels._exp_numba(v) for v in a], dtype=np.float32))(x)
+    ref = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - ref) / ref) < 2.5e-7
+
+
+@needs_numba
+def test_add(rng):
+    x, y = rng.standard_normal((2, 3, 37)).astype(np.float32)
+    want = x + y
+    kernels.add_numba(x, y)
+    np.testing.assert_array_equal(x, want)
+
+
+@needs_numba
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="checks x86 instructions")
+def test_int8_matvec_uses_pmaddwd(rng):
+    """The decode kernel's inner step is one pmaddwd (32 weights), not a widened int64 loop."""
+    w = kernels.quantize(rng.standard_normal((16, 64)).astype(np.float32), "q8_0")
+    fresh = kernels.numba.njit(fastmath=kernels.NUMBA_FASTMATH)(kernels._matvec_int8_numba.py_func)  # uncached
+    fresh(poisoned(1, 16), rng.standard_normal((1, 64)).astype(np.float32), w.data, w.scales.view(np.int16))
+    assert "pmaddwd" in "\n".join(fresh.inspect_asm().values())
+
+
+# -----------------------------------------------------------------------------
+# backend table
+
+
+def test_numba_backend_has_every_op():
+    ops = kernels.ops_for("numba")
+    assert all(callable(getattr(ops, op)) for op in kernels.OPS)
+
+
+def test_without_numba_the_numpy_path_runs_and_says_so(monkeypatch):
+    monkeypatch.setattr(kernels, "numba", None)
+    assert "numba" not in kernels.available_backends()
+    assert kernels.pick_backend("auto") == "numpy"
+    assert "pip install numba" in kernels.backend_notice("numpy")
+    with pytest.raises(RuntimeError, match="pip install numba"):
+        kernels.pick_backend("numba")
+
+
+@needs_numba
+def test_backend_notice_is_silent_with_numba():
+    assert kernels.backend_notice(kernels.pick_backend("auto")) is None
+
+
+# -----------------------------------------------------------------------------
+# whole model
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_logits_match_numpy_backend(tiny_files, kind):
+    """Prefill (all logits of 11 tokens in chunks of 8 and 3) then 3 decode steps, on both backends."""
+    chunks = [[1, 5, 9, 200, 3, 3, 17, 255], [0, 42, 7], [4], [8], [15]]
+    got, ref = [], []
+    for backend, logits in (("numba", got), ("numpy", ref)):
+        model = llama31.load(tiny_files[kind], backend=backend, ctx=32)
+        state = model.new_state()
+        for chunk in chunks:
+            logits.append(llama31.forward(model, state, np.array(chunk), state.pos, all_logits=True).copy())
+            state.pos += len(chunk)
+    for g, r in zip(got, ref):
+        # int8 activations in decode: compare loosely, scaled by the logits' spread
+        tol = 0.05 if kind in kernels.QUANTIZED else 1e-3
+        assert np.max(np.abs(g - r)) <= tol * np.std(r), f"{kind}: max diff {np.max(np.abs(g - r)):.3g}"
