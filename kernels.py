@@ -4,6 +4,12 @@ Backends: "numpy" (always there; the definition of correct), "numba" (CPU, needs
 "cupy" (one NVIDIA GPU, needs `pip install cupy-cuda12x` or `cupy-cuda13x`). `pick_backend(requested)`
 resolves "auto" to numba when installed, else numpy; asking for one that is missing raises with the fix.
 `ops_for(backend)` returns the namespace of op functions that llama31.forward calls.
+The CUDA backend ("cupy") keeps every weight on the GPU in its stored kind. Decode (T <= MATVEC_MAX_T)
+streams the weights through float32 matrix-vector kernels; prefill (larger T) multiplies on tensor cores
+through cuBLAS with x and W rounded to 16 bits (bf16 weights as stored, other kinds as f16), so its tests
+compare against the reference on the same rounded operands. rope, attention and embed also take pos (and
+the tokens) as int32 arrays on the GPU, which lets CudaGraphStep capture one decode step and replay it at
+every position; sample_cuda chooses the next token on the GPU, so only its id comes back.
 
 Ops (outputs first, then inputs; activations are float32 and C-contiguous):
     rmsnorm(out, x, weight, eps)                   x (T, D), weight (D,) -> out (T, D)
@@ -62,6 +68,190 @@ def _njit(**options):
                                "pip install numba")
         return raise_missing
     return missing
+
+# -----------------------------------------------------------------------------
+# CUDA preamble
+# What every CUDA source below shares (prepended before compiling), and the lazily built kernel cache.
+
+_CUDA_PREAMBLE = r"""
+// No #include at all, so NVRTC (CuPy, at run time) and nvcc (the CI compile check) see the same code:
+// f16 and bf16 conversions are single PTX instructions instead of cuda_fp16.h/cuda_bf16.h helpers, and
+// vector values are brace-initialised (float4{...}) rather than built with make_float4.
+#define CEIL_DIV(a, b) (((a) + (b) - 1) / (b))
+#define FULL_MASK 0xffffffffu
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+// weight kinds, numbered as kernels.CUDA_KIND; GROUP weights along K share one f16 scale (ggml's blocks)
+#define KIND_F32 0
+#define KIND_F16 1
+#define KIND_BF16 2
+#define KIND_Q8_0 3
+#define KIND_Q4_0 4
+#define GROUP 32
+
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ unsigned short f32_to_f16(float f) {  // round to nearest even
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float bf16_to_f32(unsigned short b) { return __uint_as_float((unsigned int)b << 16); }
+__device__ __forceinline__ unsigned short f32_to_bf16(float f) {  // round to nearest even
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// the value of element (n, k) of a weight matrix with K columns: the CUDA twin of kernels.dequantize
+__device__ __forceinline__ float weight_at(int kind, const void* w, const unsigned short* scales,
+                                          size_t n, int k, int K) {
+    switch (kind) {
+    case KIND_F32: return ((const float*)w)[n * K + k];
+    case KIND_F16: return f16_to_f32(((const unsigned short*)w)[n * K + k]);
+    case KIND_BF16: return bf16_to_f32(((const unsigned short*)w)[n * K + k]);
+    case KIND_Q8_0:
+        return f16_to_f32(scales[n * (K / GROUP) + k / GROUP]) * (float)((const signed char*)w)[n * K + k];
+    default: {  // KIND_Q4_0: byte j of a group's 16 holds element j (low nibble) and j + 16 (high nibble)
+        const unsigned char b = ((const unsigned char*)w)[n * (K / 2) + (k / GROUP) * (GROUP / 2) + k % (GROUP / 2)];
+        const int q = (k % GROUP) < GROUP / 2 ? (b & 0xF) : (b >> 4);
+        return f16_to_f32(scales[n * (K / GROUP) + k / GROUP]) * (float)(q - 8);
+    }
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+// sum over the block (blockDim.x a multiple of 32), returned to every thread; shared holds 32 floats
+__device__ float block_sum(float v, float* shared) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    v = warp_sum(v);
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < blockDim.x / 32 ? shared[lane] : 0.0f;
+    v = warp_sum(v);
+    __syncthreads();  // the caller may reuse shared
+    return v;
+}
+
+// the position of token 0 of this call: from device memory when a captured CUDA graph is replayed
+// (the same graph serves every position), else the value passed at launch
+__device__ __forceinline__ int read_pos(const int* pos_dev, int pos_arg) { return pos_dev ? *pos_dev : pos_arg; }
+"""
+
+CUDA_KIND = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}  # the KIND_* numbers of _CUDA_PREAMBLE
+
+
+class _CudaKernels:
+    """Compiled CUDA kernels (each source compiled on first use) and device scratch buffers.
+
+    One instance, _CUDA, lives at module level: the launchers keep the signatures of the numpy references,
+    so there is no argument to carry a cache in; it is filled lazily and never changes results.
+    """
+
+    def __init__(self):
+        self.modules = {}  # source string -> cupy.RawModule
+        self.functions = {}  # kernel name -> cupy.RawKernel-like function
+        self.buffers = {}  # (name, capacity, dtype) -> cupy array
+        self.sm_count = None
+
+    def kernel(self, src: str, name: str):
+        """The function `name` of `src`, compiling the source with the preamble on first use."""
+        fn = self.functions.get(name)
+        if fn is None:
+            if src not in self.modules:
+                self.modules[src] = cupy.RawModule(code=_CUDA_PREAMBLE + src, options=("-std=c++17",))
+            fn = self.functions[name] = self.modules[src].get_function(name)
+        return fn
+
+    def scratch(self, name: str, size: int, dtype=np.float32):
+        """A device buffer of at least `size` elements that is never freed or moved.
+
+        Captured CUDA graphs keep the address of every buffer they touch, so a temporary from the memory
+        pool could be handed to someone else while a graph still writes it. Capacities are powers of two,
+        which bounds the number of buffers one name can own.
+        """
+        capacity = 1 << max(0, int(size) - 1).bit_length()
+        key = (name, capacity, np.dtype(dtype).str)
+        if key not in self.buffers:
+            self.buffers[key] = cupy.empty(capacity, dtype=dtype)
+        return self.buffers[key][:size]
+
+    def multiprocessors(self) -> int:
+        if self.sm_count is None:
+            self.sm_count = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        return self.sm_count
+
+
+_CUDA = _CudaKernels()
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _require_cupy(op: str):
+    if cupy is None:
+        raise RuntimeError(f"{op}: the CUDA backend needs cupy: pip install cupy-cuda12x (or cupy-cuda13x)")
+
+
+def _check_f32(op: str, **arrays):
+    """Every array must be a float32, C-contiguous cupy array."""
+    _require_cupy(op)
+    for name, a in arrays.items():
+        if not isinstance(a, cupy.ndarray):
+            raise ValueError(f"{op}: {name} must be a cupy array on the GPU, got {type(a).__name__}")
+        if a.dtype != np.float32:
+            raise ValueError(f"{op}: {name} must be float32, got {a.dtype}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{op}: {name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
+
+
+def _check_weight(op: str, w) -> tuple[str, int, int]:
+    """(kind, N, K) of a 2-D QWeight whose arrays are on the GPU with the layout the kernels read."""
+    _require_cupy(op)
+    data, scales = w.data, w.scales
+    if not isinstance(data, cupy.ndarray) or data.dtype.name not in KINDS.values():
+        raise ValueError(f"{op}: weight data must be a cupy array of {sorted(KINDS.values())}, "
+                         f"got {type(data).__name__} {getattr(data, 'dtype', '')}")
+    kind, shape = w.kind, w.shape
+    if data.ndim != 2 or not data.flags.c_contiguous:
+        raise ValueError(f"{op}: weight must be one C-contiguous (N, K) matrix, got data shape {data.shape}")
+    N, K = shape
+    if kind in QUANTIZED:
+        if K % 32:
+            raise ValueError(f"{op}: {kind} weight needs K % 32 == 0, got K = {K}")
+        if (not isinstance(scales, cupy.ndarray) or scales.dtype != np.float16 or scales.shape != (N, K // 32)
+                or not scales.flags.c_contiguous):
+            raise ValueError(f"{op}: {kind} weight needs C-contiguous float16 scales of shape {(N, K // 32)} on "
+                             f"the GPU (group size 32), got {getattr(scales, 'shape', scales)}")
+    return kind, N, K
+
+
+def _pos_args(op: str, pos, T: int, S: int):
+    """The (pos_dev, pos_arg) kernel arguments for pos: a Python int, or a 1-element int32 cupy array.
+
+    A device pos is what lets one captured CUDA graph run at every position; its range is not checked here
+    (reading it would synchronise), so the caller keeps it within the cache.
+    """
+    if isinstance(pos, cupy.ndarray):
+        if pos.dtype != np.int32 or pos.size != 1:
+            raise ValueError(f"{op}: a device pos must be a 1-element int32 cupy array, got {pos.dtype} {pos.shape}")
+        return pos, np.int32(0)
+    pos = int(pos)
+    if not 0 <= pos <= S - T:
+        raise ValueError(f"{op}: positions {pos}..{pos + T - 1} do not fit the cache of {S} positions")
+    return None, np.int32(pos)
+
 
 # -----------------------------------------------------------------------------
 # Weight kinds
@@ -454,6 +644,53 @@ def rmsnorm_numba(out, x, weight, eps):
             out[t, i] = x[t, i] * inv_rms * weight[i]
 
 
+# one block per row, threads stride over D, block-wide sum of squares (warp shuffles, then shared memory);
+# with y != nullptr the residual is added first (x += y), which is add() and rmsnorm() in one pass
+_RMSNORM_SRC = r"""
+extern "C" __global__ void rmsnorm_kernel(float* out, float* x, const float* y, const float* weight,
+                                          int D, float eps) {
+    __shared__ float shared[32];
+    float* xr = x + (size_t)blockIdx.x * D;
+    float* outr = out + (size_t)blockIdx.x * D;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float v = xr[i];
+        if (y) {
+            v += y[(size_t)blockIdx.x * D + i];
+            xr[i] = v;
+        }
+        ss += v * v;
+    }
+    const float inv_rms = 1.0f / sqrtf(block_sum(ss, shared) / D + eps);
+    for (int i = threadIdx.x; i < D; i += blockDim.x) outr[i] = xr[i] * inv_rms * weight[i];
+}
+"""
+
+
+def _rmsnorm_launch(op, out, x, y, weight, eps):
+    arrays = dict(out=out, x=x, weight=weight) if y is None else dict(out=out, x=x, y=y, weight=weight)
+    _check_f32(op, **arrays)
+    if x.ndim != 2 or out.shape != x.shape or (y is not None and y.shape != x.shape):
+        raise ValueError(f"{op}: x, out{'' if y is None else ', y'} must be (T, D) alike, got x {x.shape}, "
+                         f"out {out.shape}")
+    if weight.shape != (x.shape[1],):
+        raise ValueError(f"{op}: weight must be ({x.shape[1]},), got {weight.shape}")
+    T, D = x.shape
+    fn = _CUDA.kernel(_RMSNORM_SRC, "rmsnorm_kernel")
+    fn((T,), (256,), (out, x, y, weight, np.int32(D), np.float32(eps)))
+    return out
+
+
+def rmsnorm_cuda(out, x, weight, eps):
+    """x (T, D), weight (D,) -> out (T, D) = x / sqrt(mean(x**2) + eps) * weight"""
+    return _rmsnorm_launch("rmsnorm", out, x, None, weight, eps)
+
+
+def add_rmsnorm_cuda(out, x, y, weight, eps):
+    """In place x (T, D) += y, then out = rmsnorm(x) * weight: the residual add fused with the next norm"""
+    return _rmsnorm_launch("add_rmsnorm", out, x, y, weight, eps)
+
+
 # -----------------------------------------------------------------------------
 # matmul
 # The weight-streaming product that dominates decode time: every weight byte is read once per token.
@@ -585,6 +822,257 @@ def matmul_numba(out, x, w):
         _matmul_tiles_numba(out, x, data, scales)
 
 
+# Decode (T <= MATVEC_MAX_T): one block of 128 threads per 4 output rows and per token (blockIdx.y); each
+# thread takes 16-byte chunks c, c + 128, ... of the 4 rows, so a warp reads 512 contiguous bytes of a row
+# per load, and dots them with the x slice it loaded once for all 4 rows (x would otherwise be read from
+# L1 4-8x more often than the weights); warp shuffles, then shared memory, sum the 4 threads' partials.
+# Weights are read with L1::no_allocate (each byte is used once) so that L1 keeps x.
+# Prefill (T > MATVEC_MAX_T) goes through cuBLAS on tensor cores (see _matmul_gemm): matmul_dequant_kernel
+# expands quantized rows to f16 and matmul_convert_kernel rounds x to f16/bf16.
+# matmul_scalar_kernel is the fallback when rows are not 16-byte aligned (f32/f16/bf16 with odd K).
+_MATMUL_SRC = r"""
+#define MV_THREADS 128
+#define MV_ROWS 4
+#define MV_UNROLL 2  // chunks per thread per loop trip, loaded before any is used
+
+// 16 weight bytes, read once: skip L1 so the x slices stay there
+__device__ __forceinline__ int4 load_weights(const unsigned char* p) {
+    int4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// byte k of u as an exact float minus bias: 0x4B0000bb is the float 2^23 + bb. One PRMT and one FADD per
+// weight instead of an int-to-float conversion, which runs at a quarter of the FMA rate and would be the
+// bottleneck of the q8_0/q4_0 matvec (equals (float)(byte) - (bias - 2^23))
+__device__ __forceinline__ float byte_to_f32(unsigned int u, int k, float bias) {
+    return __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540u | k)) - bias;
+}
+
+template <int KIND> __device__ constexpr int chunk_elems() {  // weights in 16 bytes
+    return KIND == KIND_Q4_0 ? 32 : KIND == KIND_Q8_0 ? 16 : KIND == KIND_F32 ? 4 : 8;
+}
+
+// dot product of one 16-byte chunk of weights with its x slice xv (chunk_elems floats), unscaled
+template <int KIND> __device__ __forceinline__ float chunk_dot(int4 w, const float4* xv) {
+    const unsigned int u[4] = {(unsigned int)w.x, (unsigned int)w.y, (unsigned int)w.z, (unsigned int)w.w};
+    float s = 0.0f;
+    if constexpr (KIND == KIND_Q8_0) {  // 16 int8: word i holds elements 4i..4i+3
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const unsigned int b = u[i] ^ 0x80808080u;  // each signed byte q becomes q + 128, unsigned
+            const float bias = 8388736.0f;              // 2^23 + 128
+            s += byte_to_f32(b, 0, bias) * xv[i].x + byte_to_f32(b, 1, bias) * xv[i].y +
+                 byte_to_f32(b, 2, bias) * xv[i].z + byte_to_f32(b, 3, bias) * xv[i].w;
+        }
+    } else if constexpr (KIND == KIND_Q4_0) {  // one group: byte j holds element j (low), j + 16 (high)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const unsigned int lo = u[i] & 0x0F0F0F0Fu, hi = (u[i] >> 4) & 0x0F0F0F0Fu;
+            const float bias = 8388616.0f;  // 2^23 + 8: nibble q stands for q - 8
+            const float4 xl = xv[i], xh = xv[4 + i];  // elements 4i..4i+3 and 16+4i..16+4i+3
+            s += byte_to_f32(lo, 0, bias) * xl.x + byte_to_f32(lo, 1, bias) * xl.y +
+                 byte_to_f32(lo, 2, bias) * xl.z + byte_to_f32(lo, 3, bias) * xl.w +
+                 byte_to_f32(hi, 0, bias) * xh.x + byte_to_f32(hi, 1, bias) * xh.y +
+                 byte_to_f32(hi, 2, bias) * xh.z + byte_to_f32(hi, 3, bias) * xh.w;
+        }
+    } else if constexpr (KIND == KIND_BF16) {  // 8 bf16: word i holds element 2i (low half), 2i+1 (high)
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const unsigned int a = u[2 * i], b = u[2 * i + 1];
+            s += __uint_as_float(a << 16) * xv[i].x + __uint_as_float(a & 0xFFFF0000u) * xv[i].y +
+                 __uint_as_float(b << 16) * xv[i].z + __uint_as_float(b & 0xFFFF0000u) * xv[i].w;
+        }
+    } else if constexpr (KIND == KIND_F16) {  // 8 f16, same layout as bf16
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const unsigned int a = u[2 * i], b = u[2 * i + 1];
+            s += f16_to_f32((unsigned short)(a & 0xFFFFu)) * xv[i].x + f16_to_f32((unsigned short)(a >> 16)) * xv[i].y +
+                 f16_to_f32((unsigned short)(b & 0xFFFFu)) * xv[i].z + f16_to_f32((unsigned short)(b >> 16)) * xv[i].w;
+        }
+    } else {  // KIND_F32: 4 floats
+        s = __uint_as_float(u[0]) * xv[0].x + __uint_as_float(u[1]) * xv[0].y +
+            __uint_as_float(u[2]) * xv[0].z + __uint_as_float(u[3]) * xv[0].w;
+    }
+    return s;
+}
+
+// out[t, n] = sum_k W[n, k] x[t, k] for the MV_ROWS rows of this block and the token t = blockIdx.y
+template <int KIND>
+__device__ __forceinline__ void matvec(float* out, const unsigned char* w, const unsigned short* scales,
+                                       const float* x, int N, int K) {
+    constexpr int E = chunk_elems<KIND>();
+    const int chunks = K / E;
+    const int row0 = blockIdx.x * MV_ROWS;
+    x += (size_t)blockIdx.y * K;
+    out += (size_t)blockIdx.y * N;
+    const unsigned char* wrow[MV_ROWS];
+    const unsigned short* srow[MV_ROWS];
+#pragma unroll
+    for (int r = 0; r < MV_ROWS; r++) {
+        const size_t n = min(row0 + r, N - 1);  // rows past N re-read row N - 1; their sums are dropped
+        wrow[r] = w + n * chunks * 16;
+        srow[r] = scales + n * (K / GROUP);  // unused (and null) for unquantized kinds
+    }
+    float acc[MV_ROWS] = {};
+    for (int c0 = threadIdx.x; c0 < chunks; c0 += MV_UNROLL * MV_THREADS) {
+        // every load first, so that MV_UNROLL * MV_ROWS 16-byte weight loads are in flight together; a
+        // chunk past the end of the row re-reads chunk c0 (valid memory) and is weighted 0 (a branch
+        // around it instead would let the compiler sink its loads behind the first chunk's math)
+        int4 wv[MV_UNROLL][MV_ROWS];
+        float4 xv[MV_UNROLL][E / 4];
+        float scale[MV_UNROLL][MV_ROWS];
+#pragma unroll
+        for (int u = 0; u < MV_UNROLL; u++) {
+            const bool inside = c0 + u * MV_THREADS < chunks;
+            const int c = inside ? c0 + u * MV_THREADS : c0;
+#pragma unroll
+            for (int r = 0; r < MV_ROWS; r++) wv[u][r] = load_weights(wrow[r] + (size_t)c * 16);
+#pragma unroll
+            for (int i = 0; i < E / 4; i++) xv[u][i] = __ldg((const float4*)(x + (size_t)c * E) + i);
+#pragma unroll
+            for (int r = 0; r < MV_ROWS; r++) {  // q8_0: 2 chunks per group; q4_0: 1
+                if constexpr (KIND == KIND_Q8_0) scale[u][r] = f16_to_f32(__ldg(srow[r] + c / 2));
+                else if constexpr (KIND == KIND_Q4_0) scale[u][r] = f16_to_f32(__ldg(srow[r] + c));
+                else scale[u][r] = 1.0f;
+                scale[u][r] = inside ? scale[u][r] : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < MV_UNROLL; u++)
+#pragma unroll
+            for (int r = 0; r < MV_ROWS; r++) acc[r] += scale[u][r] * chunk_dot<KIND>(wv[u][r], xv[u]);
+    }
+    __shared__ float partial[MV_ROWS][MV_THREADS / 32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+    for (int r = 0; r < MV_ROWS; r++) {
+        const float v = warp_sum(acc[r]);
+        if (lane == 0) partial[r][warp] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < MV_ROWS && row0 + threadIdx.x < N) {
+        float s = 0.0f;
+        for (int i = 0; i < MV_THREADS / 32; i++) s += partial[threadIdx.x][i];
+        out[row0 + threadIdx.x] = s;
+    }
+}
+
+#define MATVEC_KERNEL(name, KIND)                                                                   \
+    extern "C" __global__ void __launch_bounds__(MV_THREADS)                                        \
+    name(float* out, const unsigned char* w, const unsigned short* scales, const float* x, int N, int K) { \
+        matvec<KIND>(out, w, scales, x, N, K);                                                      \
+    }
+MATVEC_KERNEL(matmul_q8_0_kernel, KIND_Q8_0)
+MATVEC_KERNEL(matmul_q4_0_kernel, KIND_Q4_0)
+MATVEC_KERNEL(matmul_bf16_kernel, KIND_BF16)
+MATVEC_KERNEL(matmul_f16_kernel, KIND_F16)
+MATVEC_KERNEL(matmul_f32_kernel, KIND_F32)
+
+// any kind, any K: one warp per output row, lanes stride over K
+extern "C" __global__ void matmul_scalar_kernel(float* out, int kind, const void* w, const unsigned short* scales,
+                                                const float* x, int N, int K) {
+    const int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (n >= N) return;  // the whole warp leaves together
+    x += (size_t)blockIdx.y * K;
+    float s = 0.0f;
+    for (int k = lane; k < K; k += 32) s += weight_at(kind, w, scales, n, k, K) * x[k];
+    s = warp_sum(s);
+    if (lane == 0) out[(size_t)blockIdx.y * N + n] = s;
+}
+
+// rows n0..n0+rows-1 of a quantized W as f16 (rows, K): one thread per 8 weights, one 16-byte store
+extern "C" __global__ void matmul_dequant_kernel(unsigned short* out, int kind, const void* w,
+                                                 const unsigned short* scales, long long n0, int rows, int K) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // index of an 8-weight piece
+    if (i >= (long long)rows * (K / 8)) return;
+    const size_t n = n0 + i / (K / 8);
+    const int k = (int)(i % (K / 8)) * 8;
+    unsigned int h[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        h[j] = f32_to_f16(weight_at(kind, w, scales, n, k + 2 * j, K)) |
+               ((unsigned int)f32_to_f16(weight_at(kind, w, scales, n, k + 2 * j + 1, K)) << 16);
+    ((uint4*)out)[i] = uint4{h[0], h[1], h[2], h[3]};
+}
+
+// x (n floats) rounded to f16 or bf16 bits, the activation operand of the tensor-core product
+extern "C" __global__ void matmul_convert_kernel(unsigned short* out, const float* x, long long n, int to_bf16) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = to_bf16 ? f32_to_bf16(x[i]) : f32_to_f16(x[i]);
+}
+"""
+
+MATVEC_MAX_T = 4  # up to this many tokens the weight-streaming kernels (f32 math) beat dequantize + GEMM
+_MV_ROWS, _MV_THREADS = 4, 128  # MV_ROWS, MV_THREADS of _MATMUL_SRC
+_CHUNK_ELEMS = {"f32": 4, "f16": 8, "bf16": 8, "q8_0": 16, "q4_0": 32}  # weights per 16 bytes
+_DEQUANT_BUDGET = 1 << 26  # f16 weights dequantized per cuBLAS call (128 MB of scratch at most)
+# cudaDataType / cublasComputeType_t / cublasGemmAlgo_t values (library_types.h, cublas_api.h)
+_CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
+_CUBLAS_OP_N, _CUBLAS_OP_T, _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT = 0, 1, 68, -1
+
+
+def matmul_cuda(out, x, w):
+    """x (T, K), W (N, K) -> out (T, N) = x @ W.T
+
+    T <= MATVEC_MAX_T: weight-streaming kernels in float32 (decode). Larger T: cuBLAS on tensor cores with
+    x and W rounded to 16 bits (bf16 weights as stored, every other kind as f16; f32 weights stay f32)
+    and float32 accumulation, so compare prefill against matmul_ref on the same rounded operands.
+    """
+    _check_f32("matmul", out=out, x=x)
+    kind, N, K = _check_weight("matmul", w)
+    if x.ndim != 2 or x.shape[1] != K or out.shape != (x.shape[0], N):
+        raise ValueError(f"matmul: x (T, {K}) and out (T, {N}) expected for W {w.shape}, got x {x.shape}, "
+                         f"out {out.shape}")
+    T = x.shape[0]
+    if T == 0:
+        return out
+    if T > MATVEC_MAX_T:
+        return _matmul_gemm(out, x, w, kind, N, K, T)
+    # 16-byte loads need 16-byte aligned rows of W and x
+    if K % _CHUNK_ELEMS[kind] == 0 and K % 4 == 0 and w.data.data.ptr % 16 == 0 and x.data.ptr % 16 == 0:
+        fn = _CUDA.kernel(_MATMUL_SRC, f"matmul_{kind}_kernel")
+        fn((_ceil_div(N, _MV_ROWS), T), (_MV_THREADS,), (out, w.data, w.scales, x, np.int32(N), np.int32(K)))
+    else:
+        fn = _CUDA.kernel(_MATMUL_SRC, "matmul_scalar_kernel")
+        fn((_ceil_div(N, 8), T), (256,), (out, np.int32(CUDA_KIND[kind]), w.data, w.scales, x, np.int32(N),
+                                          np.int32(K)))
+    return out
+
+
+def _matmul_gemm(out, x, w, kind, N, K, T):
+    """Prefill product through cuBLAS GemmEx on tensor cores (the documented first step before a
+    hand-written dequantize-in-the-tile kernel): out (T, N) row-major is the column-major (N, T) product
+    W (K, N)^T @ x (K, T), so W and x are passed as stored, with W transposed."""
+    from cupy.cuda import cublas
+
+    a_type = {"f32": _CUDA_R_32F, "bf16": _CUDA_R_16BF}.get(kind, _CUDA_R_16F)
+    if kind == "f32":
+        xs = x
+    else:
+        xs = cupy.empty((T, K), dtype=np.uint16)  # x rounded to the 16-bit type of W
+        fn = _CUDA.kernel(_MATMUL_SRC, "matmul_convert_kernel")
+        fn((_ceil_div(T * K, 256),), (256,), (xs, x, np.int64(T * K), np.int32(kind == "bf16")))
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)  # host scalars alpha, beta
+    handle = cupy.cuda.device.get_cublas_handle()
+    step = max(1, min(N, _DEQUANT_BUDGET // K)) if kind in QUANTIZED else N
+    for n0 in range(0, N, step):
+        rows = min(step, N - n0)
+        if kind in QUANTIZED:
+            wbuf = cupy.empty((rows, K), dtype=np.uint16)
+            fn = _CUDA.kernel(_MATMUL_SRC, "matmul_dequant_kernel")
+            fn((_ceil_div(rows * K // 8, 256),), (256,),
+               (wbuf, np.int32(CUDA_KIND[kind]), w.data, w.scales, np.int64(n0), np.int32(rows), np.int32(K)))
+            a_ptr = wbuf.data.ptr
+        else:
+            a_ptr = w.data.data.ptr + n0 * K * w.data.itemsize
+        cublas.gemmEx(handle, _CUBLAS_OP_T, _CUBLAS_OP_N, rows, T, K, one.ctypes.data, a_ptr, a_type, K,
+                      xs.data.ptr, a_type, K, zero.ctypes.data, out.data.ptr + n0 * 4, _CUDA_R_32F, N,
+                      _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
+    return out
+
+
 def embed_ref(out, w, tokens):
     """tokens (T,) -> out (T, D) = W[tokens], dequantized"""
     rows = QWeight(w.data[tokens], None if w.scales is None else w.scales[tokens])
@@ -606,6 +1094,39 @@ def embed_numba(out, w, tokens):
     """tokens (T,) -> out (T, D) = W[tokens], dequantized"""
     data, scales = _numba_arrays("embed", w, out.shape[1])
     _embed_numba(out, data, scales, np.asarray(tokens, dtype=np.int64))
+
+
+# one block per token, threads stride over the D columns of its row, dequantizing with weight_at
+_EMBED_SRC = r"""
+extern "C" __global__ void embed_kernel(float* out, int kind, const void* w, const unsigned short* scales,
+                                        const int* tokens, int D) {
+    const size_t row = tokens[blockIdx.x];
+    for (int d = threadIdx.x; d < D; d += blockDim.x)
+        out[(size_t)blockIdx.x * D + d] = weight_at(kind, w, scales, row, d, D);
+}
+"""
+
+
+def embed_cuda(out, w, tokens):
+    """tokens (T,) -> out (T, D) = W[tokens], dequantized; tokens on the host, or int32 on the GPU"""
+    _check_f32("embed", out=out)
+    kind, V, D = _check_weight("embed", w)
+    if isinstance(tokens, cupy.ndarray):  # already on the GPU (a replayed CUDA graph): not range-checked
+        if tokens.dtype != np.int32 or tokens.ndim != 1:
+            raise ValueError(f"embed: device tokens must be a 1-D int32 cupy array, got {tokens.dtype} {tokens.shape}")
+        device_tokens = tokens
+    else:
+        host = np.asarray(tokens)
+        if host.ndim != 1 or (host.size and (host.dtype.kind not in "iu" or host.min() < 0 or host.max() >= V)):
+            raise ValueError(f"embed: tokens must be a 1-D array of ids in 0..{V - 1}, got {host!r:.80}")
+        device_tokens = cupy.asarray(host.astype(np.int32))
+    T = device_tokens.shape[0]
+    if out.shape != (T, D):
+        raise ValueError(f"embed: out must be ({T}, {D}), got {out.shape}")
+    if T:
+        fn = _CUDA.kernel(_EMBED_SRC, "embed_kernel")
+        fn((T,), (256,), (out, np.int32(CUDA_KIND[kind]), w.data, w.scales, device_tokens, np.int32(D)))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -638,6 +1159,41 @@ def rope_numba(x, pos, cos, sin):
                 x0, x1 = x[t, h, 2 * i], x[t, h, 2 * i + 1]
                 x[t, h, 2 * i] = x0 * c - x1 * s
                 x[t, h, 2 * i + 1] = x0 * s + x1 * c
+
+
+# one thread per (token, head, pair): the pair (x[2i], x[2i+1]) is rotated by the angle at position pos + t
+_ROPE_SRC = r"""
+extern "C" __global__ void rope_kernel(float* x, const float* cos, const float* sin, const int* pos_dev,
+                                       int pos_arg, int T, int n_heads, int half) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // pair number in x
+    if (idx >= (long long)T * n_heads * half) return;
+    const int i = idx % half, t = idx / ((long long)n_heads * half);
+    const size_t row = (size_t)(read_pos(pos_dev, pos_arg) + t) * half;
+    const float c = cos[row + i], s = sin[row + i];
+    float2* p = (float2*)x + idx;
+    const float2 v = *p;
+    *p = float2{v.x * c - v.y * s, v.x * s + v.y * c};
+}
+"""
+
+
+def rope_cuda(x, pos, cos, sin):
+    """In place: x (T, n_heads, Dh) at positions pos..pos+T-1 (int, or int32 (1,) on the GPU); cos, sin (S, Dh//2)"""
+    _check_f32("rope", x=x, cos=cos, sin=sin)
+    if x.ndim != 3 or x.shape[2] % 2:
+        raise ValueError(f"rope: x must be (T, n_heads, Dh) with Dh even, got {x.shape}")
+    T, n_heads, Dh = x.shape
+    if cos.ndim != 2 or cos.shape[1] != Dh // 2 or sin.shape != cos.shape:
+        raise ValueError(f"rope: cos and sin must be (S, {Dh // 2}), got {cos.shape} and {sin.shape}")
+    if x.data.ptr % 8:
+        raise ValueError("rope: x must start at an 8-byte boundary (pairs are read as float2)")
+    pos_dev, pos_arg = _pos_args("rope", pos, T, cos.shape[0])
+    n = T * n_heads * (Dh // 2)
+    if n:
+        fn = _CUDA.kernel(_ROPE_SRC, "rope_kernel")
+        fn((_ceil_div(n, 256),), (256,), (x, cos, sin, pos_dev, pos_arg, np.int32(T), np.int32(n_heads),
+                                          np.int32(Dh // 2)))
+    return x
 
 
 # -----------------------------------------------------------------------------
@@ -737,6 +1293,237 @@ def _attention_numba(out, q, k, v, k_cache, v_cache, pos):
             _vstore(out, qo + c, _vscale(_vload(out, qo + c), inv_l))
 
 
+# Flash attention on CUDA cores, one kernel for decode and prefill (arxiv.org/abs/2205.14135, and
+# flash-decoding's split over the keys for long contexts). A block takes ATT_ROWS = 16 query rows, the
+# (position, head) pairs of one KV head (GQA: the n_rep heads of a group read each key once), and one
+# split of the keys (gridDim.z splits, sized from pos at run time so that one captured graph serves every
+# position). Per tile of 32 keys it stages K and V in shared memory; lane j scores key j for each of
+# its warp's 4 rows, then an online softmax (running max m, sum l) rescales the accumulator, each lane
+# owning head dims lane, lane + 32, ... With one split the block writes the output; with several it
+# writes (acc, m, l) partials that attention_combine_kernel merges.
+_ATTENTION_SRC = r"""
+#define ATT_DMAX 128                    // largest head_dim supported (Llama 3: 128)
+#define ATT_BK 32                       // keys per tile: one per lane when scoring
+#define ATT_WARPS 4
+#define ATT_RPW 4                       // query rows per warp
+#define ATT_ROWS (ATT_WARPS * ATT_RPW)  // query rows per block
+#define ATT_KSTRIDE (ATT_DMAX + 4)      // padded K row: the lanes' float4 reads of 8 rows hit distinct banks
+
+// the new keys and values (T, KV, Dh) go to cache rows pos..pos+T-1: a contiguous copy of n floats each
+extern "C" __global__ void attention_store_kernel(float* k_cache, float* v_cache, const float* k, const float* v,
+                                                  const int* pos_dev, int pos_arg, int row_len, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const size_t dst = (size_t)read_pos(pos_dev, pos_arg) * row_len + i;
+    k_cache[dst] = k[i];
+    v_cache[dst] = v[i];
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attention_kernel(float* out, float* part_acc, float* part_m, float* part_l, const float* q,
+                 const float* k_cache, const float* v_cache, const int* pos_dev, int pos_arg,
+                 int T, int H, int KV, int Dh, float scale) {
+    __shared__ __align__(16) float q_s[ATT_ROWS][ATT_DMAX];
+    __shared__ __align__(16) float k_s[ATT_BK][ATT_KSTRIDE];
+    __shared__ __align__(16) float v_s[ATT_BK][ATT_DMAX];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int n_rep = H / KV, g = blockIdx.y, pos = read_pos(pos_dev, pos_arg);
+    const int n_f = T * n_rep, f0 = blockIdx.x * ATT_ROWS;  // row f = t * n_rep + (h - g * n_rep)
+    const int Dh4 = (Dh + 3) & ~3;                            // Dh rounded up to whole float4s
+    const int n_dims = CEIL_DIV(Dh, 32);                      // accumulator slots in use per lane
+
+    // this split's keys: the pos + T keys in gridDim.z chunks of whole tiles, ending (causal) after the
+    // position of the block's last query
+    const int chunk = CEIL_DIV(CEIL_DIV(pos + T, (int)gridDim.z), ATT_BK) * ATT_BK;
+    const int last_t = (min(f0 + ATT_ROWS, n_f) - 1) / n_rep;
+    const int key_lo = blockIdx.z * chunk;
+    const int key_hi = min(key_lo + chunk, pos + last_t + 1);
+
+    // the block's query rows, zero past Dh (scores read whole float4s)
+    for (int i = threadIdx.x; i < ATT_ROWS * Dh4; i += blockDim.x) {
+        const int slot = i / Dh4, d = i % Dh4, f = f0 + slot;
+        float val = 0.0f;
+        if (f < n_f && d < Dh) val = q[((size_t)(f / n_rep) * H + g * n_rep + f % n_rep) * Dh + d];
+        q_s[slot][d] = val;
+    }
+
+    // the running softmax of this warp's rows: slot warp + ATT_WARPS * r
+    bool valid[ATT_RPW];
+    int qpos[ATT_RPW];
+    float m[ATT_RPW], l[ATT_RPW], acc[ATT_RPW][ATT_DMAX / 32];
+#pragma unroll
+    for (int r = 0; r < ATT_RPW; r++) {
+        const int f = f0 + warp + ATT_WARPS * r;
+        valid[r] = f < n_f;
+        qpos[r] = pos + f / n_rep;
+        m[r] = NEG_INF;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < ATT_DMAX / 32; i++) acc[r][i] = 0.0f;
+    }
+
+    for (int k0 = key_lo; k0 < key_hi; k0 += ATT_BK) {
+        __syncthreads();  // the previous tile is used up (and q_s is written, the first time)
+        // keys and values k0..k0+31 of KV head g; rows past key_hi are zeros (masked below, and 0 * V must
+        // not meet a NaN left in shared memory)
+        const int nq = Dh4 / 4;
+#pragma unroll 4
+        for (int i = threadIdx.x; i < ATT_BK * nq; i += blockDim.x) {
+            const int j = i / nq, d = (i % nq) * 4, key = k0 + j;
+            float4 kv = {0.0f, 0.0f, 0.0f, 0.0f}, vv = kv;
+            if (key < key_hi) {
+                const size_t base = ((size_t)key * KV + g) * Dh + d;
+                if ((Dh & 3) == 0) {  // 16-byte loads
+                    kv = *(const float4*)(k_cache + base);
+                    vv = *(const float4*)(v_cache + base);
+                } else {  // Dh = 4m + 2: the last float4 of a row is half in the next row
+                    kv.x = k_cache[base], kv.y = k_cache[base + 1];
+                    vv.x = v_cache[base], vv.y = v_cache[base + 1];
+                    if (d + 2 < Dh) kv.z = k_cache[base + 2], kv.w = k_cache[base + 3];
+                    if (d + 2 < Dh) vv.z = v_cache[base + 2], vv.w = v_cache[base + 3];
+                }
+            }
+            *(float4*)&k_s[j][d] = kv;
+            *(float4*)&v_s[j][d] = vv;
+        }
+        __syncthreads();
+
+        // lane j scores key k0 + j against each of the warp's rows
+        float s[ATT_RPW] = {};
+        for (int d = 0; d < Dh4; d += 4) {
+            const float4 kv = *(const float4*)&k_s[lane][d];
+#pragma unroll
+            for (int r = 0; r < ATT_RPW; r++) {
+                if (!valid[r]) continue;  // warp-uniform: decode fills only n_rep of the 16 rows
+                const float4 qv = *(const float4*)&q_s[warp + ATT_WARPS * r][d];  // broadcast
+                s[r] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+            }
+        }
+        // online softmax: new max, rescale what was summed so far, add this tile's exp(s - max)
+        const int key = k0 + lane;
+        float p[ATT_RPW];
+#pragma unroll
+        for (int r = 0; r < ATT_RPW; r++) {
+            const float sc = (valid[r] && key < key_hi && key <= qpos[r]) ? s[r] * scale : NEG_INF;
+            const float m_new = fmaxf(m[r], warp_max(sc));
+            p[r] = 0.0f;
+            if (m_new != NEG_INF) {  // else: the whole tile is masked for this row, nothing changes
+                const float corr = expf(m[r] - m_new);  // 0 on the first tile (m = -inf)
+                p[r] = expf(sc - m_new);
+                l[r] = l[r] * corr + warp_sum(p[r]);
+#pragma unroll
+                for (int i = 0; i < ATT_DMAX / 32; i++) acc[r][i] *= corr;
+                m[r] = m_new;
+            }
+        }
+        // acc += p @ V: key j's probability comes from lane j
+        for (int j = 0; j < ATT_BK; j++) {
+            float vj[ATT_DMAX / 32];
+#pragma unroll
+            for (int i = 0; i < ATT_DMAX / 32; i++) vj[i] = i < n_dims ? v_s[j][lane + 32 * i] : 0.0f;
+#pragma unroll
+            for (int r = 0; r < ATT_RPW; r++) {
+                if (!valid[r]) continue;
+                const float pj = __shfl_sync(FULL_MASK, p[r], j);
+#pragma unroll
+                for (int i = 0; i < ATT_DMAX / 32; i++) acc[r][i] += pj * vj[i];
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < ATT_RPW; r++) {
+        if (!valid[r]) continue;
+        const int f = f0 + warp + ATT_WARPS * r;
+        const size_t row = (size_t)(f / n_rep) * H + g * n_rep + f % n_rep;  // (t, h) row of out
+        if (gridDim.z == 1) {  // one split saw every key: normalise and write the output
+            const float inv_l = 1.0f / l[r];
+#pragma unroll
+            for (int i = 0; i < ATT_DMAX / 32; i++)
+                if (lane + 32 * i < Dh) out[row * Dh + lane + 32 * i] = acc[r][i] * inv_l;
+        } else {
+            const size_t prow = (size_t)blockIdx.z * T * H + row;
+#pragma unroll
+            for (int i = 0; i < ATT_DMAX / 32; i++)
+                if (lane + 32 * i < Dh) part_acc[prow * Dh + lane + 32 * i] = acc[r][i];
+            if (lane == 0) part_m[prow] = m[r], part_l[prow] = l[r];
+        }
+    }
+}
+
+// one block per (t, h) row, thread d: out = sum_z acc_z e^(m_z - M) / sum_z l_z e^(m_z - M), M = max_z m_z
+extern "C" __global__ void attention_combine_kernel(float* out, const float* part_acc, const float* part_m,
+                                                    const float* part_l, int n_splits, int rows, int Dh) {
+    const int row = blockIdx.x, d = threadIdx.x;
+    float M = NEG_INF;
+    for (int z = 0; z < n_splits; z++) M = fmaxf(M, part_m[(size_t)z * rows + row]);
+    float L = 0.0f, o = 0.0f;
+    for (int z = 0; z < n_splits; z++) {
+        const size_t prow = (size_t)z * rows + row;
+        if (part_m[prow] == NEG_INF) continue;  // a split with no keys for this row
+        const float w = expf(part_m[prow] - M);
+        L += part_l[prow] * w;
+        if (d < Dh) o += part_acc[prow * Dh + d] * w;
+    }
+    if (d < Dh) out[(size_t)row * Dh + d] = o / L;
+}
+"""
+
+ATTENTION_MAX_HEAD_DIM = 128  # ATT_DMAX of _ATTENTION_SRC
+_ATT_ROWS, _ATT_THREADS = 16, 128  # ATT_ROWS and ATT_WARPS * 32 of _ATTENTION_SRC
+
+
+def _attention_splits(blocks: int, max_keys: int) -> int:
+    """Key splits so that about 4 blocks run per SM, each split with 64 keys (2 tiles) or more."""
+    target = 4 * _CUDA.multiprocessors()
+    if blocks >= target:
+        return 1
+    return max(1, min(_ceil_div(target, blocks), _ceil_div(max_keys, 64)))
+
+
+def attention_cuda(out, q, k, v, k_cache, v_cache, pos):
+    """q (T, H, Dh), k, v (T, KV, Dh) at positions pos..pos+T-1 (int, or int32 (1,) on the GPU);
+    caches (S, KV, Dh) -> out (T, H*Dh)"""
+    _check_f32("attention", out=out, q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
+    if q.ndim != 3 or k.ndim != 3 or k_cache.ndim != 3:
+        raise ValueError(f"attention: q, k, caches must be 3-D, got {q.shape}, {k.shape}, {k_cache.shape}")
+    T, H, Dh = q.shape
+    S, KV = k_cache.shape[0], k.shape[1]
+    if k.shape != (T, KV, Dh) or v.shape != k.shape or k_cache.shape != (S, KV, Dh) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"attention: k, v (T, KV, Dh) and caches (S, KV, Dh) must match q {q.shape}, got "
+                         f"k {k.shape}, v {v.shape}, caches {k_cache.shape}, {v_cache.shape}")
+    if H % KV or out.shape != (T, H * Dh):
+        raise ValueError(f"attention: H = {H} must be a multiple of KV = {KV}, out ({T}, {H * Dh}); got {out.shape}")
+    if Dh % 2 or Dh > ATTENTION_MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim must be even and <= {ATTENTION_MAX_HEAD_DIM}, got {Dh}")
+    if Dh % 4 == 0 and (k_cache.data.ptr % 16 or v_cache.data.ptr % 16):
+        raise ValueError("attention: caches must start at a 16-byte boundary (rows are read as float4)")
+    pos_dev, pos_arg = _pos_args("attention", pos, T, S)
+    if T == 0:
+        return out
+    n = T * KV * Dh
+    store = _CUDA.kernel(_ATTENTION_SRC, "attention_store_kernel")
+    store((_ceil_div(n, 256),), (256,), (k_cache, v_cache, k, v, pos_dev, pos_arg, np.int32(KV * Dh), np.int64(n)))
+
+    row_blocks = _ceil_div(T * (H // KV), _ATT_ROWS)
+    max_keys = S if pos_dev is not None else int(pos_arg) + T  # a graph is sized for the whole cache
+    splits = _attention_splits(row_blocks * KV, max_keys)
+    part_acc = part_m = part_l = None
+    if splits > 1:
+        rows = splits * T * H
+        part = _CUDA.scratch("attention", rows * (Dh + 2))
+        part_acc, part_m, part_l = part[:rows * Dh], part[rows * Dh:rows * (Dh + 1)], part[rows * (Dh + 1):]
+    fn = _CUDA.kernel(_ATTENTION_SRC, "attention_kernel")
+    fn((row_blocks, KV, splits), (_ATT_THREADS,),
+       (out, part_acc, part_m, part_l, q, k_cache, v_cache, pos_dev, pos_arg, np.int32(T), np.int32(H),
+        np.int32(KV), np.int32(Dh), np.float32(1.0 / np.sqrt(Dh))))
+    if splits > 1:
+        combine = _CUDA.kernel(_ATTENTION_SRC, "attention_combine_kernel")
+        combine((T * H,), (_ceil_div(Dh, 32) * 32,),
+                (out, part_acc, part_m, part_l, np.int32(splits), np.int32(T * H), np.int32(Dh)))
+    return out
+
+
 # -----------------------------------------------------------------------------
 # swiglu
 # The gated FFN non-linearity, arxiv.org/abs/2002.05202 eq (5): silu(x W1) * (x W3).
@@ -761,6 +1548,27 @@ def swiglu_numba(out, h1, h3):
         out[t] = row
 
 
+# one thread per element; out may be h1 (forward computes hb = silu(hb) * hb2 in place), so no __restrict__
+_SWIGLU_SRC = r"""
+extern "C" __global__ void swiglu_kernel(float* out, const float* h1, const float* h3, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = h1[i] / (1.0f + expf(-h1[i])) * h3[i];  // expf overflow -> inf -> silu = -0
+}
+"""
+
+
+def swiglu_cuda(out, h1, h3):
+    """h1, h3 (T, F) -> out (T, F) = silu(h1) * h3 (out may be h1)"""
+    _check_f32("swiglu", out=out, h1=h1, h3=h3)
+    if h1.shape != h3.shape or out.shape != h1.shape:
+        raise ValueError(f"swiglu: out, h1, h3 must have one shape, got {out.shape}, {h1.shape}, {h3.shape}")
+    n = h1.size
+    if n:
+        fn = _CUDA.kernel(_SWIGLU_SRC, "swiglu_kernel")
+        fn((_ceil_div(n, 256),), (256,), (out, h1, h3, np.int64(n)))
+    return out
+
+
 def add_ref(x, y):
     """In place: x (T, D) += y (T, D), the residual connection"""
     x += y
@@ -774,6 +1582,144 @@ def add_numba(x, y):
     for t in range(T):
         for i in range(D):
             x[t, i] += y[t, i]
+
+
+# one thread per element
+_ADD_SRC = r"""
+extern "C" __global__ void add_kernel(float* x, const float* y, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+"""
+
+
+def add_cuda(x, y):
+    """In place: x (T, D) += y (T, D), the residual connection"""
+    _check_f32("add", x=x, y=y)
+    if x.shape != y.shape:
+        raise ValueError(f"add: x and y must have one shape, got {x.shape} and {y.shape}")
+    n = x.size
+    if n:
+        fn = _CUDA.kernel(_ADD_SRC, "add_kernel")
+        fn((_ceil_div(n, 256),), (256,), (x, y, np.int64(n)))
+    return x
+
+
+# -----------------------------------------------------------------------------
+# Sampling on the GPU
+# The next token chosen where the logits are, so that only its id crosses to the host.
+
+# one block of 1024 threads: each thread scans a stride of the logits, then warps and shared memory reduce
+# (value, index) pairs; ties go to the lower index, like np.argmax
+_SAMPLE_SRC = r"""
+__device__ __forceinline__ void better_of(float& v, int& i, float v2, int i2) {
+    if (v2 > v || (v2 == v && i2 < i)) v = v2, i = i2;
+}
+
+extern "C" __global__ void sample_argmax_kernel(int* out, const float* logits, int n) {
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    float v = NEG_INF;
+    int i = n;  // "none yet": any real index beats it on a tie
+    for (int j = threadIdx.x; j < n; j += blockDim.x) better_of(v, i, logits[j], j);
+    for (int o = 16; o > 0; o >>= 1)
+        better_of(v, i, __shfl_xor_sync(FULL_MASK, v, o), __shfl_xor_sync(FULL_MASK, i, o));
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane == 0) best_v[warp] = v, best_i[warp] = i;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < blockDim.x / 32 ? best_v[lane] : NEG_INF;
+        i = lane < blockDim.x / 32 ? best_i[lane] : n;
+        for (int o = 16; o > 0; o >>= 1)
+            better_of(v, i, __shfl_xor_sync(FULL_MASK, v, o), __shfl_xor_sync(FULL_MASK, i, o));
+        if (lane == 0) out[0] = i < n ? i : 0;  // all NaN: 0
+    }
+}
+"""
+
+
+def sample_argmax_cuda(logits) -> int:
+    """The index of the largest of logits (V,) on the GPU (NaNs are skipped)"""
+    _check_f32("sample_argmax", logits=logits)
+    if logits.ndim != 1 or logits.size == 0:
+        raise ValueError(f"sample_argmax: logits must be (V,) with V > 0, got {logits.shape}")
+    result = _CUDA.scratch("sample", 1, np.int32)
+    fn = _CUDA.kernel(_SAMPLE_SRC, "sample_argmax_kernel")
+    fn((1,), (1024,), (result, logits, np.int32(logits.size)))
+    return int(result.get()[0])
+
+
+def sample_cuda(logits, temperature: float, top_p: float, coin: float) -> int:
+    """The next token from logits (V,) on the GPU; only the id comes back to the host.
+
+    Greedy when temperature == 0, else softmax(logits / temperature) sampled with coin (uniform in [0, 1),
+    drawn by the host sampler's generator), restricted to the top-p nucleus when top_p < 1: the same
+    steps as llama31's sample_topp/sample_mult on the host (in float64, so the same coin gives the same
+    token up to rounding). Repetition penalty, top-k and min-p are not done here.
+    """
+    if temperature == 0.0:
+        return sample_argmax_cuda(logits)
+    _check_f32("sample", logits=logits)
+    if logits.ndim != 1:
+        raise ValueError(f"sample: logits must be (V,), got {logits.shape}")
+    z = logits.astype(np.float64) / temperature
+    probs = cupy.exp(z - z.max())
+    probs /= probs.sum()
+    if top_p >= 1.0:
+        return min(int(cupy.searchsorted(cupy.cumsum(probs), cupy.asarray([coin]), side="right")[0]), probs.size - 1)
+    order = cupy.argsort(-probs)  # cupy's sort is stable (radix sort): ties keep index order, as on the host
+    cumulative = cupy.cumsum(probs[order])
+    last = cupy.minimum(cupy.searchsorted(cumulative, cupy.asarray([top_p])), probs.size - 1)  # nucleus end
+    # the first sorted index whose cumulative probability passes coin * (mass of the nucleus)
+    chosen = cupy.minimum(cupy.searchsorted(cumulative, coin * cumulative[last], side="right"), last)
+    return int(order[chosen][0])
+
+
+# -----------------------------------------------------------------------------
+# CUDA graph of a decode step
+# Launching ~15 kernels per layer costs more host time than an 8B decode step takes on an H100; a captured
+# graph replays them with one launch.
+
+
+class CudaGraphStep:
+    """One decode step captured once as a CUDA graph and replayed at every position.
+
+    fn(token, pos) must do the whole step with device work only, reading the token and its position from
+    the two int32 (1,) cupy arrays it is given (kernels that take pos accept such an array): no host
+    copies, no allocations, no synchronisation; e.g. lambda token, pos: forward(model, state, token, pos).
+    The first call runs fn eagerly (that compiles kernels, allocates scratch and computes the step), then
+    captures it; later calls copy the new token and position in and replay the graph. The graph keeps the
+    addresses of every buffer fn touched (weights, run state), so make one per run state.
+    """
+
+    def __init__(self, fn):
+        _require_cupy("CudaGraphStep")
+        self.fn = fn
+        self.args = cupy.zeros(2, dtype=np.int32)  # [token, pos], read by the captured kernels
+        self.token, self.pos = self.args[0:1], self.args[1:2]
+        self.stream = cupy.cuda.Stream(non_blocking=True)  # capture needs a stream other than the default
+        self.graph = None
+        self.result = None
+
+    def __call__(self, token: int, pos: int):
+        """Run the step for `token` at position `pos`; returns what fn returned (device arrays that each
+        replay overwrites)."""
+        caller = cupy.cuda.get_current_stream()
+        self.stream.wait_event(caller.record())  # after earlier work, e.g. the prefill that filled the cache
+        with self.stream:
+            self.args.set(np.array([token, pos], dtype=np.int32), stream=self.stream)
+            if self.graph is None:
+                self.result = self.fn(self.token, self.pos)
+                self.stream.begin_capture()
+                try:
+                    self.fn(self.token, self.pos)
+                finally:
+                    graph = self.stream.end_capture()
+                self.graph = graph
+            else:
+                self.graph.launch(self.stream)
+        caller.wait_event(self.stream.record())  # later work on the caller's stream sees the results
+        return self.result
 
 
 # -----------------------------------------------------------------------------

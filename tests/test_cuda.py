@@ -20,8 +20,6 @@ HAS_GPU = "cupy" in kernels.available_backends()
 if HAS_GPU:
     import cupy
 
-
-
 def on_gpu(test):
     """Mark a test `cuda` and skip it, saying why, where cupy or a GPU is absent."""
     return pytest.mark.cuda(pytest.mark.skipif(not HAS_GPU, reason="needs cupy and an NVIDIA GPU")(test))
@@ -347,23 +345,20 @@ def test_full_model_logits_match_numpy(tiny_files, kind):
     np_model = llama31.load(tiny_files[kind], backend="numpy", ctx=64)
     cp_model = llama31.load(tiny_files[kind], backend="cupy", ctx=64)
     np_state, cp_state = np_model.new_state(), cp_model.new_state()
-    for token in ids[:6]:
-        a = llama31.forward(np_model, np_state, np.array([token]))
-        b = cp_model.host(llama31.forward(cp_model, cp_state, np.array([token])))
+    for pos, token in enumerate(ids[:6]):
+        a = llama31.forward(np_model, np_state, np.array([token]), pos)
+        b = cp_model.host(llama31.forward(cp_model, cp_state, np.array([token]), pos))
         np.testing.assert_allclose(b, a, atol=1e-3, rtol=1e-3)
 
 
 @on_gpu
 def test_full_model_graph_decode_matches_eager(tiny_files):
+    """Model.decode (a captured CUDA graph, replayed) gives the logits of eager forward calls."""
     llama31 = pytest.importorskip("llama31")
-    if "pos" not in inspect.signature(llama31.forward).parameters:
-        pytest.skip("llama31.forward takes no device pos yet (the CUDA graph hook is not wired)")
     model = llama31.load(tiny_files["q8_0"], backend="cupy", ctx=64)
     eager, replayed = model.new_state(), model.new_state()
-    ids = [5, 9, 2, 77, 31, 8, 100, 3]
-    graph = kernels.CudaGraphStep(lambda token, pos: llama31.forward(model, replayed, token, pos=pos))
-    for i, token in enumerate(ids):
-        a = model.host(llama31.forward(model, eager, np.array([token]))).copy()
-        b = model.host(graph(token, i)).copy()
-        replayed.pos = i + 1
+    for pos, token in enumerate([5, 9, 2, 77, 31, 8, 100, 3]):
+        a = model.host(llama31.forward(model, eager, np.array([token]), pos)).copy()
+        b = model.host(model.decode(replayed, token)).copy()
+        assert replayed.pos == pos + 1 and replayed.graph is not None
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
