@@ -258,9 +258,8 @@ def random_model(shape: str, quant: str, workdir: str) -> str:
                              else [RandomTensor(shape_, (i,))])
         notices = []
         entries = convert_weights.plan_tensors(cfg, quant, notices)
-        progress = convert_weights._Progress(None, 0)
         print(f"writing {out} (random weights, once)", file=sys.stderr)
-        convert_weights.write_model(out, cfg, None, entries, tensors, progress)
+        convert_weights.write_model(out, cfg, None, entries, tensors)
     return out
 
 

@@ -1029,8 +1029,10 @@ def write_tensors(f, entries: list[dict], tensors: dict, progress: _Progress):
 
 
 def write_model(out: str, cfg: Config, tokenizer: dict | None, entries: list[dict], tensors: dict,
-                progress: _Progress):
-    """Write the file under a temporary name beside OUT and rename it at the end (atomic on POSIX)."""
+                progress: _Progress | None = None):
+    """Write the file under a temporary name beside OUT and rename it at the end (atomic on POSIX).
+    progress: None writes silently."""
+    progress = progress or _Progress(None, 0)
     head, size = build_header(cfg, tokenizer, entries)
     folder = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(out):

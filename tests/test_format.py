@@ -74,7 +74,11 @@ def test_round_trip_values(kind, tiny_files, tiny_weights):
         np.testing.assert_array_equal(stored.data, expected.data, err_msg=name)
         if expected.scales is not None:
             np.testing.assert_array_equal(stored.scales, expected.scales, err_msg=name)
-    assert isinstance(w.wq.data, np.memmap) or isinstance(w.wq.data.base, np.memmap)  # zero-copy views
+    # zero-copy: every weight is a view whose chain of bases ends in the file's memory map
+    base = w.wq.data
+    while base.base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    assert isinstance(base, np.memmap) and not w.wq.data.flags.writeable
 
 
 def test_docstring_tensor_table_is_the_code_table():
