@@ -6,8 +6,7 @@
 Weights are random numbers made on the GPU directly in their stored kind (no file, no conversion); the KV
 cache is filled with random values too, as timing on zeros can flatter. One table is printed:
 - decode tok/s per kind and context: one token per step with greedy sampling on the GPU and the token id
-  read back each step, as generation does; through a captured CUDA graph when llama31.forward takes a
-  device pos, else eager launches (the table says which);
+  read back each step, as generation does, each step a replay of one captured CUDA graph;
 - the roofline: bytes a decode step must read (every weight once, plus the KV cache up to the context)
   over the device-to-device bandwidth measured here (a 1 GiB copy, counting bytes read plus written);
 - prefill tok/s for a PREFILL-token prompt in one call, and its rate against cuBLAS's bf16 GEMM rate
@@ -18,7 +17,6 @@ cache is filled with random values too, as timing on zeros can flatter. One tabl
 
 import argparse
 import dataclasses
-import inspect
 import statistics
 import sys
 import time
@@ -152,17 +150,10 @@ def fill_cache(state):
 
 def decode_rate(model, ctx: int, args) -> tuple[float, str]:
     """Decode tokens per second near the end of a ctx-long cache, and how steps were launched."""
-    state = llama31.build_run_state(model.config, ctx, 1, xp=cupy)
+    state = llama31.build_run_state(model.config, ctx, 1, zeros=cupy.zeros)
     fill_cache(state)
     start_pos = ctx - args.steps - 1
-    graphed = _takes_pos()
-    if graphed:
-        step = kernels.CudaGraphStep(lambda token, pos: llama31.forward(model, state, token, pos=pos))
-        run = lambda token, pos: step(token, pos)  # noqa: E731
-    else:
-        def run(token, pos):
-            state.pos = pos
-            return llama31.forward(model, state, np.array([token]))
+    run = kernels.CudaGraphStep(lambda token, pos: llama31.forward(model, state, token, pos))
 
     def steps():
         token = 1
@@ -176,23 +167,17 @@ def decode_rate(model, ctx: int, args) -> tuple[float, str]:
         t0 = time.perf_counter()
         steps()
         times.append(time.perf_counter() - t0)
-    return args.steps / statistics.median(times), "CUDA graph" if graphed else "eager"
-
-
-def _takes_pos() -> bool:
-    """Whether llama31.forward reads its position from a device array (what a CUDA graph needs)."""
-    return "pos" in inspect.signature(llama31.forward).parameters
+    return args.steps / statistics.median(times), "CUDA graph"
 
 
 def prefill_rate(model, args) -> tuple[float, float]:
     """(prompt tokens per second, achieved FLOP/s) of one forward over an args.prefill-token prompt."""
     cfg, P = model.config, args.prefill
-    state = llama31.build_run_state(cfg, P, P, xp=cupy)
+    state = llama31.build_run_state(cfg, P, P, zeros=cupy.zeros)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=P)
 
     def prefill():
-        state.pos = 0
-        llama31.forward(model, state, tokens)
+        llama31.forward(model, state, tokens, 0)
 
     ms = median_ms(prefill, args.rounds)
     matrix_params = sum(int(np.prod(getattr(model.weights, n).shape)) for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
