@@ -305,7 +305,8 @@ def build_run_state(cfg: Config, ctx: int, max_tokens_per_call: int, zeros=np.ze
     return RunState(
         key_cache=zeros(cache_shape, f32), value_cache=zeros(cache_shape, f32),
         x=zeros((T, D), f32), xb=zeros((T, D), f32), xb2=zeros((T, D), f32),
-        q=zeros((T, HDh), f32), k=zeros((T, cfg.kv_dim), f32), v=zeros((T, cfg.kv_dim), f32), att=zeros((T, HDh), f32),
+        q=zeros((T, HDh), f32), k=zeros((T, cfg.kv_dim), f32), v=zeros((T, cfg.kv_dim), f32),
+        att=zeros((T, HDh), f32),
         hb=zeros((T, F), f32), hb2=zeros((T, F), f32), logits=zeros((T, cfg.vocab_size), f32),
     )
 
@@ -449,7 +450,8 @@ def _weights_to(xp, w: Weights) -> Weights:
 class Model:
     """A llama31 model file loaded for inference; see load()."""
 
-    def __init__(self, path: str, backend: str = "auto", ctx: int | None = None, prefill_chunk: int | None = None):
+    def __init__(self, path: str, backend: str = "auto", ctx: int | None = None,
+                 prefill_chunk: int | None = None):
         start = time.perf_counter()
         self.backend = kernels.pick_backend(backend)
         self.ops = kernels.ops_for(self.backend)
@@ -506,7 +508,8 @@ class Model:
 
     def next_token(self, sampler: "Sampler", logits, recent_tokens) -> int:
         """Sample from the last row of logits: on the GPU when the sampler needs only temperature and top-p."""
-        if self.backend == "cupy" and (sampler.repetition_penalty, sampler.top_k, sampler.min_p) == (1.0, 0, 0.0):
+        only_temperature_top_p = (sampler.repetition_penalty, sampler.top_k, sampler.min_p) == (1.0, 0, 0.0)
+        if self.backend == "cupy" and only_temperature_top_p:
             coin = sampler.rng.random() if sampler.temperature > 0 else 0.0  # draws as the host path does
             return kernels.sample_cuda(logits[-1], sampler.temperature, sampler.top_p, coin)
         return sample(sampler, self.host(logits[-1]), recent_tokens)
@@ -517,8 +520,10 @@ class Model:
         if len(token_ids) > self.ctx:
             raise ValueError(f"{len(token_ids)} tokens exceed the context of {self.ctx}; load with a larger ctx")
         state = self.new_state()
-        chunks = [self.host(forward(self, state, token_ids[s:s + self.prefill_chunk], s, all_logits=True)).copy()
-                  for s in range(0, len(token_ids), self.prefill_chunk)]
+        chunks = []
+        for start in range(0, len(token_ids), self.prefill_chunk):
+            chunk = token_ids[start:start + self.prefill_chunk]
+            chunks.append(self.host(forward(self, state, chunk, start, all_logits=True)).copy())
         return np.concatenate(chunks)
 
     def generate(self, prompt, **kwargs):
