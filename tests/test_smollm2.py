@@ -184,3 +184,21 @@ def test_chat_reset_and_full_context(converted, capsys):
     assert "[conversation cleared]" in capsys.readouterr().err
     state = llama31.chat(model, greedy, max_tokens=8, read=scripted("word " * 200, "Hi"), write=answers.append)
     assert "[context full" in capsys.readouterr().err and state.pos > 0  # the long turn was refused, "Hi" ran
+
+
+def test_chat_ctrl_c_stops_the_answer_and_the_chat_goes_on(ours):
+    model = ours["q8_0"]
+    out = []
+
+    def write(piece):  # the user presses Ctrl-C while the first answer streams
+        out.append(piece)
+        if len(out) == 2:
+            raise KeyboardInterrupt
+
+    state = llama31.chat(model, llama31.Sampler(temperature=0.0), max_tokens=8,
+                         read=scripted("Tell me a long story.", "Hi"), write=write)
+    text = "".join(out)
+    assert " [stopped]" in text
+    after = text.split(" [stopped]", 1)[1]
+    assert after.strip()  # the second turn was answered
+    assert state.pos > 0
