@@ -687,10 +687,10 @@ def _detokenize(tok, tokens):
 
 
 def chat(model: Model, sampler: Sampler, system: str | None = None, max_tokens: int | None = None,
-         read=input, write=sys.stdout.write):
+         read=input, write=None):
     """Read user turns until EOF (Ctrl-D), then return the run state; /reset clears the conversation;
     Ctrl-C stops the current answer."""
-    tok = model.tokenizer
+    tok, write = model.tokenizer, write or sys.stdout.write
     if tok is None or not tok.has_chat_template:
         raise ValueError("--chat needs a model whose file carries a tokenizer with a chat format")
     state = model.new_state()
