@@ -419,16 +419,19 @@ def _bytes_to_unicode():
 
 
 BYTE_TO_UNICODE = _bytes_to_unicode()
-UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
+# str.translate table from those characters back to the Latin-1 character of their byte (so that
+# .encode("latin-1") gives the bytes in C, not per character); the Latin-1 characters that are not in the
+# alphabet map to U+FFFF, which latin-1 cannot encode, so that they are refused.
+_TO_LATIN1 = {**{b: 0xFFFF for b in range(256)}, **{ord(c): b for b, c in BYTE_TO_UNICODE.items()}}
 
 
 def _unicode_to_bytes(text, token_id):
     """A byte-level token string ('Ġthe') -> its bytes (b' the')."""
     try:
-        return bytes(UNICODE_TO_BYTE[c] for c in text)
-    except KeyError as e:
+        return text.translate(_TO_LATIN1).encode("latin-1")
+    except UnicodeEncodeError as e:
         raise ValueError(
-            f"token {token_id} {text!r}: character {e.args[0]!r} is not in GPT-2's byte-level alphabet; "
+            f"token {token_id} {text!r}: character {text[e.start]!r} is not in GPT-2's byte-level alphabet; "
             "is this a byte-level BPE vocabulary?"
         ) from None
 

@@ -191,14 +191,27 @@ def test_add(rng):
     np.testing.assert_array_equal(x, want)
 
 
+ISA_INSTRUCTION = {"vnni": "vpdpbusd", "avx2": "vpmaddubsw", "portable": None}
+
+
 @needs_numba
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="checks x86 instructions")
-def test_int8_matvec_uses_pmaddwd(rng):
-    """The decode kernel's inner step is one pmaddwd (32 weights), not a widened int64 loop."""
-    w = kernels.quantize(rng.standard_normal((16, 64)).astype(np.float32), "q8_0")
+@pytest.mark.parametrize("isa", ISA_INSTRUCTION)
+@pytest.mark.parametrize("kind", kernels.QUANTIZED)
+def test_int8_matvec_each_instruction_set(rng, monkeypatch, isa, kind):
+    """Each way of emitting the int8 dot (the one this CPU gets, and the ones it can run) gives the same
+    sums, through the instruction it names: the decode kernel compiled afresh with kernels.DOT_ISA set."""
+    features = kernels.llvm_binding.get_host_cpu_features()
+    if isa == "vnni" and kernels.DOT_ISA != "vnni" or isa == "avx2" and not features.get("avx2"):
+        pytest.skip(f"this CPU cannot run the {isa} instructions")
+    monkeypatch.setattr(kernels, "DOT_ISA", isa)
     fresh = kernels.numba.njit(fastmath=kernels.NUMBA_FASTMATH)(kernels._matvec_int8_numba.py_func)  # uncached
-    fresh(poisoned(1, 16), rng.standard_normal((1, 64)).astype(np.float32), w.data, w.scales.view(np.int16))
-    assert "pmaddwd" in "\n".join(fresh.inspect_asm().values())
+    w = random_weight(rng, kind, 37, 96)
+    x = rng.standard_normal((1, 96)).astype(np.float32)
+    out = poisoned(1, 37)
+    fresh(out, x, w.data.reshape(37, -1), w.scales.view(np.int16))
+    assert_close(out, kernels.matmul_ref(np.empty_like(out), int8_activations(x), w), "matmul")
+    if ISA_INSTRUCTION[isa]:
+        assert ISA_INSTRUCTION[isa] in "\n".join(fresh.inspect_asm().values())
 
 
 # -----------------------------------------------------------------------------
