@@ -1280,6 +1280,9 @@ def attention_ref(out, q, k, v, k_cache, v_cache, pos):
 
 
 ATTENTION_BLOCK = 32  # numba attention: keys per step of the online softmax
+ATTENTION_TILE = 4  # numba attention: tokens whose queries share a task (prefill), so each key serves them all
+ATTENTION_TASKS = 8  # numba attention: the keys are split until there are this many tasks (decode)
+ATTENTION_MIN_SPLIT = 32  # numba attention: fewest keys worth a split of their own
 
 
 def attention_numba(out, q, k, v, k_cache, v_cache, pos):
@@ -1293,63 +1296,151 @@ def attention_numba(out, q, k, v, k_cache, v_cache, pos):
         _attention_numba(out, q, k, v, k_cache, v_cache, pos)
 
 
+@_njit(fastmath=NUMBA_FASTMATH, inline="always")
+def _attention_rows(acc, m, l, qs, k_cache, v_cache, kvo, row, p_lo, p_hi, last):
+    """Online softmax (arxiv.org/abs/1805.02867) of query rows qs (R, Dh), already scaled by 1/sqrt(Dh), over
+    cache keys p_lo..p_hi-1; row r reads the head at offset kvo[r] of each cache row and sees keys up to
+    last[r] (causal). Updates its running max m (R,), sum l (R,) of exp(score - m) and unnormalised output
+    acc (R, Dh). Keys go 32 a step, and every row takes the step's keys and values while they are in L1."""
+    R, Dh = qs.shape
+    e = np.empty(ATTENTION_BLOCK, np.float32)  # a row's scores of the step, then exp(score - max), 0 past nv
+    for p0 in range(p_lo, p_hi, ATTENTION_BLOCK):
+        for r in range(R):
+            nv = min(ATTENTION_BLOCK, p_hi - p0, last[r] + 1 - p0)  # keys of the step that row r sees
+            if nv <= 0:
+                continue
+            m_new = m[r]
+            for j in range(0, nv - 3, 4):  # scores of four keys at a time: four fma chains, one folded sum
+                acc4 = _tile_zero()
+                for c in range(0, Dh, 16):
+                    acc4 = _tile_fma(acc4, _vload(qs, r * Dh + c), k_cache, (p0 + j) * row + kvo[r] + c, row)
+                s = _tile_sums(acc4)
+                e[j], e[j + 1], e[j + 2], e[j + 3] = s[0], s[1], s[2], s[3]
+                m_new = max(m_new, max(max(s[0], s[1]), max(s[2], s[3])))
+            for j in range(nv - nv % 4, nv):
+                acc1 = _vzero()
+                for c in range(0, Dh, 16):
+                    acc1 = _vfma(acc1, _vload(qs, r * Dh + c), _vload(k_cache, (p0 + j) * row + kvo[r] + c))
+                e[j] = _vsum(acc1)
+                m_new = max(m_new, e[j])
+            rescale = _exp_numba(m[r] - m_new)
+            total = np.float32(0)
+            for j in range(ATTENTION_BLOCK):  # the whole step, so that LLVM vectorises the exps
+                e[j] = _exp_numba(e[j] - m_new) if j < nv else np.float32(0)
+                total += e[j]
+            l[r], m[r] = l[r] * rescale + total, m_new
+            for c in range(0, Dh - Dh % 64, 64):  # 64 lanes of output a key: one splat of e serves 4 loads
+                ao = r * Dh + c
+                o0, o1 = _vscale(_vload(acc, ao), rescale), _vscale(_vload(acc, ao + 16), rescale)
+                o2, o3 = _vscale(_vload(acc, ao + 32), rescale), _vscale(_vload(acc, ao + 48), rescale)
+                vo = p0 * row + kvo[r] + c  # the value of the step's first key
+                for j in range(nv):
+                    w = _vsplat(_scalar(e, j))
+                    o0, o1 = _vfma(o0, _vload(v_cache, vo), w), _vfma(o1, _vload(v_cache, vo + 16), w)
+                    o2, o3 = _vfma(o2, _vload(v_cache, vo + 32), w), _vfma(o3, _vload(v_cache, vo + 48), w)
+                    vo += row
+                _vstore(acc, ao, o0)
+                _vstore(acc, ao + 16, o1)
+                _vstore(acc, ao + 32, o2)
+                _vstore(acc, ao + 48, o3)
+            for c in range(Dh - Dh % 64, Dh, 16):  # what is left of a head that is not a multiple of 64 wide
+                o0, o1, o2, o3 = _vscale(_vload(acc, r * Dh + c), rescale), _vzero(), _vzero(), _vzero()
+                vo = p0 * row + kvo[r] + c  # the value of the step's first key
+                for j in range(0, nv - 3, 4):
+                    o0 = _vfma(o0, _vload(v_cache, vo + j * row), _vsplat(_scalar(e, j)))
+                    o1 = _vfma(o1, _vload(v_cache, vo + (j + 1) * row), _vsplat(_scalar(e, j + 1)))
+                    o2 = _vfma(o2, _vload(v_cache, vo + (j + 2) * row), _vsplat(_scalar(e, j + 2)))
+                    o3 = _vfma(o3, _vload(v_cache, vo + (j + 3) * row), _vsplat(_scalar(e, j + 3)))
+                for j in range(nv - nv % 4, nv):
+                    o0 = _vfma(o0, _vload(v_cache, vo + j * row), _vsplat(_scalar(e, j)))
+                _vstore(acc, r * Dh + c, _vadd(_vadd(o0, o1), _vadd(o2, o3)))
+
+
 @_njit(parallel=True, fastmath=NUMBA_FASTMATH, cache=True)
 def _attention_numba(out, q, k, v, k_cache, v_cache, pos):
-    """attention_numba for Dh % 16 == 0. Threads take (token, head) pairs; each streams its keys and values
-    once, 32 keys a step: their scores, then the running output is rescaled by exp(old max - new max) and the
-    step's exp-weighted values added (online softmax, arxiv.org/abs/1805.02867). Keys and values go four at
-    a time, so that four fma chains overlap; past the step's last key the values loop repeats it, weight 0."""
+    """attention_numba for Dh % 16 == 0. A task is (tile of ATTENTION_TILE tokens, split of the keys) and its
+    rows are the tile's (token, head) queries, ordered by key/value head: the n_rep rows of a group (GQA)
+    take each step of keys and values in turn while it is in L1, so the cache is read once per task, and a
+    task streams whole cache rows. Decode has one tile (2 threads on the 9 heads of SmolLM2 would otherwise
+    share 9 tasks unevenly), so the keys are split (flash-decoding) until there are ATTENTION_TASKS tasks:
+    equal shares for 1, 2, 4 or 8 threads, chosen without get_num_threads, which would stop numba caching
+    the kernel. Each split keeps its own max, sum and unnormalised output, merged at the end. Tiles are
+    dealt first, last, second, second-to-last... so that the threads' contiguous shares of the tasks hold
+    equal causal work (prefill)."""
     T, H, Dh = q.shape
     KV = k.shape[1]
     k_cache[pos:pos + T] = k
     v_cache[pos:pos + T] = v
     n_rep, row = H // KV, KV * Dh  # query heads per key/value head; floats per cache position
     scale = np.float32(1) / np.sqrt(np.float32(Dh))
-    for th in numba.prange(T * H):
-        t, h = th // H, th % H
-        qo = (t * H + h) * Dh  # flat offset of this head's query in q and of its output in out
-        kvo = (h // n_rep) * Dh  # GQA: offset of the key/value head it reads, within a cache row
-        e = np.empty(ATTENTION_BLOCK, np.float32)  # a step's scores, then exp(score - max)
-        m, l = np.float32(-np.inf), np.float32(0)  # running max, running sum of exp(score - m)
-        for c in range(0, Dh, 16):
-            _vstore(out, qo + c, _vzero())
-        for p0 in range(0, pos + t + 1, ATTENTION_BLOCK):  # causal: keys 0..pos+t
-            n = min(ATTENTION_BLOCK, pos + t + 1 - p0)
-            for j in range(0, n - 3, 4):  # scores of four keys at a time: four fma chains, one folded sum
-                acc = _tile_zero()
+    n_tiles = (T + ATTENTION_TILE - 1) // ATTENTION_TILE
+    n_split = max(1, min((ATTENTION_TASKS + n_tiles - 1) // n_tiles, (pos + T) // ATTENTION_MIN_SPLIT))
+    n_tasks = n_tiles * n_split
+    R = min(T, ATTENTION_TILE) * H  # rows of a task (fewer in a last partial tile)
+    # the splits' partial results, merged below (without splits, tasks write out directly)
+    part_m = np.empty((n_tasks if n_split > 1 else 0, R), np.float32)  # (tasks, R)
+    part_l = np.empty_like(part_m)  # (tasks, R)
+    part_acc = np.empty((part_m.shape[0], R, Dh), np.float32)  # (tasks, R, Dh)
+    for task in numba.prange(n_tasks):
+        slot, split = task // n_split, task % n_split
+        tile = slot // 2 if slot % 2 == 0 else n_tiles - 1 - slot // 2
+        t0 = tile * ATTENTION_TILE
+        nt = min(ATTENTION_TILE, T - t0)  # tokens of this tile
+        keys = pos + t0 + nt  # the tile sees keys 0..keys-1; a split takes an equal share
+        size = (keys + n_split - 1) // n_split
+        qs, last, kvo, qo = _attention_task_rows(q, nt, t0, n_rep, pos, scale)
+        m = np.full(nt * H, -np.inf, np.float32)
+        l = np.zeros(nt * H, np.float32)
+        acc = np.zeros((nt * H, Dh), np.float32)
+        _attention_rows(acc, m, l, qs, k_cache, v_cache, kvo, row, split * size, min(keys, split * size + size),
+                        last)
+        if n_split == 1:
+            for r in range(nt * H):
+                inv_l = np.float32(1) / l[r]
                 for c in range(0, Dh, 16):
-                    acc = _tile_fma(acc, _vload(q, qo + c), k_cache, (p0 + j) * row + kvo + c, row)
-                s = _tile_sums(acc)
-                e[j], e[j + 1], e[j + 2], e[j + 3] = s[0] * scale, s[1] * scale, s[2] * scale, s[3] * scale
-            for j in range(n - n % 4, n):
-                acc1 = _vzero()
-                for c in range(0, Dh, 16):
-                    acc1 = _vfma(acc1, _vload(q, qo + c), _vload(k_cache, (p0 + j) * row + kvo + c))
-                e[j] = _vsum(acc1) * scale
-            m_new = m
-            for j in range(n):
-                m_new = max(m_new, e[j])
-            rescale = _exp_numba(m - m_new)
-            for j in range(ATTENTION_BLOCK):  # the whole step, so that LLVM vectorises the exps
-                e[j] = _exp_numba(e[j] - m_new) if j < n else np.float32(0)
-            l *= rescale
-            for j in range(n):
-                l += e[j]
-            m = m_new
+                    _vstore(out, qo[r] + c, _vscale(_vload(acc, r * Dh + c), inv_l))
+        else:
+            part_m[task, :nt * H], part_l[task, :nt * H], part_acc[task, :nt * H] = m, l, acc
+    for task in range(0, part_m.shape[0], n_split):  # merge the splits of each tile: serial, small
+        slot = task // n_split
+        tile = slot // 2 if slot % 2 == 0 else n_tiles - 1 - slot // 2
+        nt = min(ATTENTION_TILE, T - tile * ATTENTION_TILE)
+        _, _, _, qo = _attention_task_rows(q, nt, tile * ATTENTION_TILE, n_rep, pos, scale)
+        for r in range(nt * H):
+            m_all = np.float32(-np.inf)
+            for s in range(n_split):
+                m_all = max(m_all, part_m[task + s, r])
+            l_all = np.float32(0)
             for c in range(0, Dh, 16):
-                o0, o1, o2, o3 = _vscale(_vload(out, qo + c), rescale), _vzero(), _vzero(), _vzero()
-                for j in range(0, n, 4):
-                    v0 = (p0 + j) * row + kvo + c  # values of keys j..j+3 (the last key again past n)
-                    v1, v2, v3 = (v0 + min(1, n - 1 - j) * row, v0 + min(2, n - 1 - j) * row,
-                                  v0 + min(3, n - 1 - j) * row)
-                    o0 = _vfma(o0, _vload(v_cache, v0), _vsplat(e[j]))
-                    o1 = _vfma(o1, _vload(v_cache, v1), _vsplat(e[j + 1]))
-                    o2 = _vfma(o2, _vload(v_cache, v2), _vsplat(e[j + 2]))
-                    o3 = _vfma(o3, _vload(v_cache, v3), _vsplat(e[j + 3]))
-                _vstore(out, qo + c, _vadd(_vadd(o0, o1), _vadd(o2, o3)))
-        inv_l = np.float32(1) / l
+                _vstore(out, qo[r] + c, _vzero())
+            for s in range(n_split):
+                w = _exp_numba(part_m[task + s, r] - m_all)
+                l_all += w * part_l[task + s, r]
+                for c in range(0, Dh, 16):
+                    _vstore(out, qo[r] + c, _vfma(_vload(out, qo[r] + c), _vload(part_acc[task + s], r * Dh + c),
+                                                  _vsplat(w)))
+            inv_l = np.float32(1) / l_all
+            for c in range(0, Dh, 16):
+                _vstore(out, qo[r] + c, _vscale(_vload(out, qo[r] + c), inv_l))
+
+
+@_njit(fastmath=NUMBA_FASTMATH, inline="always")
+def _attention_task_rows(q, nt, t0, n_rep, pos, scale):
+    """The rows of a task over tokens t0..t0+nt-1, ordered (key/value head, token, query head of the group):
+    queries qs (R, Dh) times scale, the last key each sees (R,), the offsets (R,) of its key/value head in a
+    cache row and of its query in q (and its output in out)."""
+    _, H, Dh = q.shape
+    R = nt * H
+    qs = np.empty((R, Dh), np.float32)
+    last, kvo, qo = np.empty(R, np.int64), np.empty(R, np.int64), np.empty(R, np.int64)
+    for r in range(R):
+        g, tt, i = r // (nt * n_rep), r % (nt * n_rep) // n_rep, r % n_rep
+        qo[r] = ((t0 + tt) * H + g * n_rep + i) * Dh
+        kvo[r] = g * Dh
+        last[r] = pos + t0 + tt
         for c in range(0, Dh, 16):
-            _vstore(out, qo + c, _vscale(_vload(out, qo + c), inv_l))
+            _vstore(qs, r * Dh + c, _vscale(_vload(q, qo[r] + c), scale))
+    return qs, last, kvo, qo
 
 
 # Flash attention on CUDA cores, one kernel for decode and prefill (arxiv.org/abs/2205.14135, and

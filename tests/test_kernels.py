@@ -140,9 +140,12 @@ def test_rope(rng, T, n_heads, Dh, pos):
     (1, 9, 3, 64, 70),  # decode, ratio 3, 71 keys: two full 32-key steps and a partial one
     (5, 6, 2, 8, 27),  # prefill chunk whose keys straddle a step boundary
     (3, 3, 1, 16, 97),  # the last positions of the cache (S = 100)
+    (1, 9, 3, 64, 300),  # decode with the keys split into tasks, the splits' sizes not multiples of 32
+    (9, 8, 2, 80, 40),  # tiles of 4, 4 and 1 tokens; ratio 4; a head 64 + 16 wide
+    (37, 4, 4, 128, 0),  # prefill into an empty cache, tiles dealt first, last, second...
 ])
 def test_attention(rng, T, H, KV, Dh, pos):
-    S = 100
+    S = max(100, pos + T + 3)
     q = rng.standard_normal((T, H, Dh)).astype(np.float32)
     k, v = rng.standard_normal((2, T, KV, Dh)).astype(np.float32)
     cache = rng.standard_normal((2, S, KV, Dh)).astype(np.float32)  # rows past pos + T must be ignored
