@@ -513,15 +513,18 @@ if numba is not None:
 
     @intrinsic
     def _vstore(typingctx, a, i, v):
-        """a.flat[i:i+16] = v for a float32 array a"""
-        if a.dtype != nbt.float32 or a.layout != "C":
+        """a.flat[i:i+16] = v for a float32 array a, or rounded to f16 (nearest even) for f16 bits as int16"""
+        if a.dtype not in (nbt.float32, nbt.int16) or a.layout != "C":
             return None
 
         def codegen(context, builder, sig, args):
             a, i, v = args
+            if a_dtype == nbt.int16:
+                v = builder.bitcast(builder.fptrunc(v, ir.VectorType(ir.HalfType(), 16)), ir.VectorType(_I16, 16))
             data = context.make_array(sig.args[0])(context, builder, a).data
-            builder.store(v, builder.bitcast(builder.gep(data, [i]), v.type.as_pointer()), align=4)
+            builder.store(v, builder.bitcast(builder.gep(data, [i]), v.type.as_pointer()), align=a_dtype.bitwidth // 8)
             return context.get_dummy_value()
+        a_dtype = a.dtype
         return nbt.none(a, nbt.intp, _F32X16), codegen
 
     @intrinsic
@@ -607,19 +610,22 @@ if numba is not None:
 
     @intrinsic
     def _tile_fma(typingctx, acc, w, x, i, stride):
-        """acc[j] += w * x.flat[i + j*stride : i + j*stride + 16] for the tile's tokens j = 0..3"""
-        if x.dtype != nbt.float32 or x.layout != "C":
+        """acc[j] += w * x.flat[i + j*stride : i + j*stride + 16] for the tile's tokens j = 0..3 (x float32, or
+        f16 bits as int16: the attention's keys)"""
+        if x.dtype not in (nbt.float32, nbt.int16) or x.layout != "C":
             return None
 
         def codegen(context, builder, sig, args):
             acc, w, x, i, stride = args
-            rows = [_ir_load(context, builder, sig.args[2], x, builder.add(i, builder.mul(stride, ir.Constant(
-                i.type, j))), ir.VectorType(_F32, 16), 4) for j in range(4)]
+            raw_ty = ir.VectorType(context.get_data_type(x_dtype), 16)
+            rows = [_ir_decode(builder, _ir_load(context, builder, sig.args[2], x, builder.add(i, builder.mul(
+                stride, ir.Constant(i.type, j))), raw_ty, x_dtype.bitwidth // 8), x_dtype) for j in range(4)]
             x01 = builder.shuffle_vector(rows[0], rows[1], _ir_consts(_I32, range(32)))
             x23 = builder.shuffle_vector(rows[2], rows[3], _ir_consts(_I32, range(32)))
             xt = builder.shuffle_vector(x01, x23, _ir_consts(_I32, range(64)))
             wt = builder.shuffle_vector(w, w, _ir_consts(_I32, [j % 16 for j in range(64)]))
             return builder.fadd(acc, builder.fmul(wt, xt, flags=("fast",)), flags=("fast",))
+        x_dtype = x.dtype
         return _TILE(_TILE, _F32X16, x, nbt.intp, nbt.intp), codegen
 
     @intrinsic
@@ -1286,12 +1292,15 @@ ATTENTION_MIN_SPLIT = 32  # numba attention: fewest keys worth a split of their 
 
 
 def attention_numba(out, q, k, v, k_cache, v_cache, pos):
-    """q (T, H, Dh), k, v (T, KV, Dh) at positions pos..pos+T-1; caches (S, KV, Dh) -> out (T, H*Dh)"""
+    """q (T, H, Dh), k, v (T, KV, Dh) at positions pos..pos+T-1; caches (S, KV, Dh) float32 or float16 (the
+    numba backend's: half the bytes to read per token, as llama.cpp's default) -> out (T, H*Dh)"""
     if pos < 0 or pos + q.shape[0] > k_cache.shape[0]:
         raise ValueError(f"attention_numba: positions {pos}..{pos + q.shape[0] - 1} are outside the cache "
                          f"of {k_cache.shape[0]}")
     if q.shape[2] % 16:  # the kernel works in whole 16-float vectors; Llama heads are 64 or 128 wide
         attention_ref(out, q, k, v, k_cache, v_cache, pos)
+    elif k_cache.dtype == np.float16:  # numba has no float16: the kernel takes the bits
+        _attention_numba(out, q, k, v, k_cache.view(np.int16), v_cache.view(np.int16), pos)
     else:
         _attention_numba(out, q, k, v, k_cache, v_cache, pos)
 
@@ -1301,10 +1310,18 @@ def _attention_rows(acc, m, l, qs, k_cache, v_cache, kvo, row, p_lo, p_hi, last)
     """Online softmax (arxiv.org/abs/1805.02867) of query rows qs (R, Dh), already scaled by 1/sqrt(Dh), over
     cache keys p_lo..p_hi-1; row r reads the head at offset kvo[r] of each cache row and sees keys up to
     last[r] (causal). Updates its running max m (R,), sum l (R,) of exp(score - m) and unnormalised output
-    acc (R, Dh). Keys go 32 a step, and every row takes the step's keys and values while they are in L1."""
+    acc (R, Dh). Keys go 32 a step: the step's keys and values are copied out of the cache once, as float32
+    (an f16 cache is read at half the bytes and converted once, not once per query head), and every row
+    takes them while they are in L1."""
     R, Dh = qs.shape
     e = np.empty(ATTENTION_BLOCK, np.float32)  # a row's scores of the step, then exp(score - max), 0 past nv
+    k_step = np.empty((ATTENTION_BLOCK, row), np.float32)  # the step's cache rows
+    v_step = np.empty((ATTENTION_BLOCK, row), np.float32)
     for p0 in range(p_lo, p_hi, ATTENTION_BLOCK):
+        for j in range(min(ATTENTION_BLOCK, p_hi - p0)):
+            for c in range(0, row, 16):
+                _vstore(k_step, j * row + c, _vload(k_cache, (p0 + j) * row + c))
+                _vstore(v_step, j * row + c, _vload(v_cache, (p0 + j) * row + c))
         for r in range(R):
             nv = min(ATTENTION_BLOCK, p_hi - p0, last[r] + 1 - p0)  # keys of the step that row r sees
             if nv <= 0:
@@ -1313,14 +1330,14 @@ def _attention_rows(acc, m, l, qs, k_cache, v_cache, kvo, row, p_lo, p_hi, last)
             for j in range(0, nv - 3, 4):  # scores of four keys at a time: four fma chains, one folded sum
                 acc4 = _tile_zero()
                 for c in range(0, Dh, 16):
-                    acc4 = _tile_fma(acc4, _vload(qs, r * Dh + c), k_cache, (p0 + j) * row + kvo[r] + c, row)
+                    acc4 = _tile_fma(acc4, _vload(qs, r * Dh + c), k_step, j * row + kvo[r] + c, row)
                 s = _tile_sums(acc4)
                 e[j], e[j + 1], e[j + 2], e[j + 3] = s[0], s[1], s[2], s[3]
                 m_new = max(m_new, max(max(s[0], s[1]), max(s[2], s[3])))
             for j in range(nv - nv % 4, nv):
                 acc1 = _vzero()
                 for c in range(0, Dh, 16):
-                    acc1 = _vfma(acc1, _vload(qs, r * Dh + c), _vload(k_cache, (p0 + j) * row + kvo[r] + c))
+                    acc1 = _vfma(acc1, _vload(qs, r * Dh + c), _vload(k_step, j * row + kvo[r] + c))
                 e[j] = _vsum(acc1)
                 m_new = max(m_new, e[j])
             rescale = _exp_numba(m[r] - m_new)
@@ -1333,11 +1350,11 @@ def _attention_rows(acc, m, l, qs, k_cache, v_cache, kvo, row, p_lo, p_hi, last)
                 ao = r * Dh + c
                 o0, o1 = _vscale(_vload(acc, ao), rescale), _vscale(_vload(acc, ao + 16), rescale)
                 o2, o3 = _vscale(_vload(acc, ao + 32), rescale), _vscale(_vload(acc, ao + 48), rescale)
-                vo = p0 * row + kvo[r] + c  # the value of the step's first key
+                vo = kvo[r] + c  # the value of the step's first key
                 for j in range(nv):
                     w = _vsplat(_scalar(e, j))
-                    o0, o1 = _vfma(o0, _vload(v_cache, vo), w), _vfma(o1, _vload(v_cache, vo + 16), w)
-                    o2, o3 = _vfma(o2, _vload(v_cache, vo + 32), w), _vfma(o3, _vload(v_cache, vo + 48), w)
+                    o0, o1 = _vfma(o0, _vload(v_step, vo), w), _vfma(o1, _vload(v_step, vo + 16), w)
+                    o2, o3 = _vfma(o2, _vload(v_step, vo + 32), w), _vfma(o3, _vload(v_step, vo + 48), w)
                     vo += row
                 _vstore(acc, ao, o0)
                 _vstore(acc, ao + 16, o1)
@@ -1345,14 +1362,14 @@ def _attention_rows(acc, m, l, qs, k_cache, v_cache, kvo, row, p_lo, p_hi, last)
                 _vstore(acc, ao + 48, o3)
             for c in range(Dh - Dh % 64, Dh, 16):  # what is left of a head that is not a multiple of 64 wide
                 o0, o1, o2, o3 = _vscale(_vload(acc, r * Dh + c), rescale), _vzero(), _vzero(), _vzero()
-                vo = p0 * row + kvo[r] + c  # the value of the step's first key
+                vo = kvo[r] + c  # the value of the step's first key
                 for j in range(0, nv - 3, 4):
-                    o0 = _vfma(o0, _vload(v_cache, vo + j * row), _vsplat(_scalar(e, j)))
-                    o1 = _vfma(o1, _vload(v_cache, vo + (j + 1) * row), _vsplat(_scalar(e, j + 1)))
-                    o2 = _vfma(o2, _vload(v_cache, vo + (j + 2) * row), _vsplat(_scalar(e, j + 2)))
-                    o3 = _vfma(o3, _vload(v_cache, vo + (j + 3) * row), _vsplat(_scalar(e, j + 3)))
+                    o0 = _vfma(o0, _vload(v_step, vo + j * row), _vsplat(_scalar(e, j)))
+                    o1 = _vfma(o1, _vload(v_step, vo + (j + 1) * row), _vsplat(_scalar(e, j + 1)))
+                    o2 = _vfma(o2, _vload(v_step, vo + (j + 2) * row), _vsplat(_scalar(e, j + 2)))
+                    o3 = _vfma(o3, _vload(v_step, vo + (j + 3) * row), _vsplat(_scalar(e, j + 3)))
                 for j in range(nv - nv % 4, nv):
-                    o0 = _vfma(o0, _vload(v_cache, vo + j * row), _vsplat(_scalar(e, j)))
+                    o0 = _vfma(o0, _vload(v_step, vo + j * row), _vsplat(_scalar(e, j)))
                 _vstore(acc, r * Dh + c, _vadd(_vadd(o0, o1), _vadd(o2, o3)))
 
 
@@ -1369,9 +1386,11 @@ def _attention_numba(out, q, k, v, k_cache, v_cache, pos):
     equal causal work (prefill)."""
     T, H, Dh = q.shape
     KV = k.shape[1]
-    k_cache[pos:pos + T] = k
-    v_cache[pos:pos + T] = v
-    n_rep, row = H // KV, KV * Dh  # query heads per key/value head; floats per cache position
+    n_rep, row = H // KV, KV * Dh  # query heads per key/value head; values per cache position
+    for t in range(T):  # the new keys and values into the cache (rounded to f16 in an f16 cache)
+        for c in range(0, row, 16):
+            _vstore(k_cache, (pos + t) * row + c, _vload(k, t * row + c))
+            _vstore(v_cache, (pos + t) * row + c, _vload(v, t * row + c))
     scale = np.float32(1) / np.sqrt(np.float32(Dh))
     n_tiles = (T + ATTENTION_TILE - 1) // ATTENTION_TILE
     n_split = max(1, min((ATTENTION_TASKS + n_tiles - 1) // n_tiles, (pos + T) // ATTENTION_MIN_SPLIT))

@@ -276,7 +276,7 @@ def load_weights(path: str) -> tuple[Config, dict | None, Weights]:
 
 @dataclass
 class RunState:
-    key_cache: np.ndarray  # (L, S, KV, Dh)
+    key_cache: np.ndarray  # (L, S, KV, Dh) float32, float16 on the numba backend
     value_cache: np.ndarray  # (L, S, KV, Dh)
     x: np.ndarray  # (T_max, D) residual stream
     xb: np.ndarray  # (T_max, D) normalised input of a sub-block
@@ -292,18 +292,19 @@ class RunState:
     graph: object = None  # the decode step captured as a CUDA graph (cupy backend), made on first use
 
 
-def kv_cache_bytes(cfg: Config, ctx: int) -> int:
-    """Bytes of float32 keys and values for `ctx` positions."""
-    return 2 * cfg.n_layers * ctx * cfg.kv_dim * 4
+def kv_cache_bytes(cfg: Config, ctx: int, cache_dtype=np.float32) -> int:
+    """Bytes of keys and values for `ctx` positions."""
+    return 2 * cfg.n_layers * ctx * cfg.kv_dim * np.dtype(cache_dtype).itemsize
 
 
-def build_run_state(cfg: Config, ctx: int, max_tokens_per_call: int, zeros=np.zeros) -> RunState:
+def build_run_state(cfg: Config, ctx: int, max_tokens_per_call: int, zeros=np.zeros,
+                    cache_dtype=np.float32) -> RunState:
     """Buffers for calls of up to max_tokens_per_call tokens; zeros(shape, dtype) allocates on the backend."""
     T, D, F, HDh = max_tokens_per_call, cfg.dim, cfg.hidden_dim, cfg.n_heads * cfg.head_dim
     cache_shape = (cfg.n_layers, ctx, cfg.n_kv_heads, cfg.head_dim)
     f32 = np.float32
     return RunState(
-        key_cache=zeros(cache_shape, f32), value_cache=zeros(cache_shape, f32),
+        key_cache=zeros(cache_shape, cache_dtype), value_cache=zeros(cache_shape, cache_dtype),
         x=zeros((T, D), f32), xb=zeros((T, D), f32), xb2=zeros((T, D), f32),
         q=zeros((T, HDh), f32), k=zeros((T, cfg.kv_dim), f32), v=zeros((T, cfg.kv_dim), f32),
         att=zeros((T, HDh), f32),
@@ -462,6 +463,9 @@ class Model:
             raise ValueError(f"ctx {self.ctx} is out of range: this model allows 1..{self.config.max_seq_len}")
         self.weights = _weights_to(self.ops.xp, weights)
         self.layers = split_layers(self.weights, self.config.n_layers)
+        # the KV cache in float16 on numba where the weights are 16-bit or quantized (half the bytes a decode
+        # step reads, llama.cpp's default); float32 for float32 weights (exact to the reference) and elsewhere
+        self.cache_dtype = np.float16 if self.backend == "numba" and self.layers[0].wq.kind != "f32" else np.float32
         cos, sin = rope_tables(self.config, self.ctx)
         self.rope_cos, self.rope_sin = self.ops.xp.asarray(cos), self.ops.xp.asarray(sin)
         # tokens per prefill pass: the GPU dequantizes every weight once per pass, so it takes larger bites
@@ -470,12 +474,12 @@ class Model:
 
     def new_state(self) -> RunState:
         """A fresh KV cache of self.ctx positions; refuses up front if the machine can't hold it."""
-        need = kv_cache_bytes(self.config, self.ctx)
+        need = kv_cache_bytes(self.config, self.ctx, self.cache_dtype)
         have = _available_memory_bytes() if self.ops.xp is np else self.ops.xp.cuda.runtime.memGetInfo()[0]
         if have is not None and need > have:
             raise MemoryError(f"a KV cache of {self.ctx} positions needs {need / 2**30:.1f} GiB but only "
                               f"{have / 2**30:.1f} GiB is free; choose a smaller --ctx")
-        return build_run_state(self.config, self.ctx, self.prefill_chunk, self.ops.zeros)
+        return build_run_state(self.config, self.ctx, self.prefill_chunk, self.ops.zeros, self.cache_dtype)
 
     def host(self, a) -> np.ndarray:
         """A backend array as a numpy array (a no-op on the CPU backends)."""

@@ -144,11 +144,12 @@ def test_rope(rng, T, n_heads, Dh, pos):
     (9, 8, 2, 80, 40),  # tiles of 4, 4 and 1 tokens; ratio 4; a head 64 + 16 wide
     (37, 4, 4, 128, 0),  # prefill into an empty cache, tiles dealt first, last, second...
 ])
-def test_attention(rng, T, H, KV, Dh, pos):
+@pytest.mark.parametrize("cache_dtype", [np.float32, np.float16])
+def test_attention(rng, T, H, KV, Dh, pos, cache_dtype):
     S = max(100, pos + T + 3)
     q = rng.standard_normal((T, H, Dh)).astype(np.float32)
     k, v = rng.standard_normal((2, T, KV, Dh)).astype(np.float32)
-    cache = rng.standard_normal((2, S, KV, Dh)).astype(np.float32)  # rows past pos + T must be ignored
+    cache = rng.standard_normal((2, S, KV, Dh)).astype(cache_dtype)  # rows past pos + T must be ignored
     ref_k, ref_v = cache[0].copy(), cache[1].copy()
     ref = kernels.attention_ref(np.empty((T, H * Dh), np.float32), q, k, v, ref_k, ref_v, pos)
     k_cache, v_cache = cache[0].copy(), cache[1].copy()
