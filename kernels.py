@@ -36,6 +36,8 @@ signature; write _<OP>_SRC (one `extern "C" __global__ <op>_kernel`) and the <op
 op name to OPS; add a test in tests/test_kernels.py against <op>_ref with sizes that don't divide blocks.
 """
 
+import sys
+import time
 import types
 from typing import NamedTuple
 
@@ -757,7 +759,21 @@ def matmul_ref(out, x, w):
 Q_BLOCK = 32  # numba kernels: the weight group size they take (ggml's block), and the int8 activation block
 
 
-@_njit(fastmath=NUMBA_FASTMATH, cache=True)
+def quantize_activations_ref(x):
+    """x (T, K) as the int8 decode matmul sees it: blocks of 32 with d = amax / 127 and q = round(x / d)
+    (half away from zero), returned as q * d in float32; the numpy twin of _quantize_activations_numba."""
+    g = x.reshape(x.shape[0], -1, Q_BLOCK)
+    d = np.abs(g).max(axis=-1, keepdims=True) / np.float32(127)
+    inv_d = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    return (_round_half_away(g * inv_d) * d).reshape(x.shape).astype(np.float32)
+
+
+# fast-math without "arcp", here and in the kernels that inline this: d = amax / 127 and 1 / d must divide
+# exactly, as ggml and quantize_activations_ref do (times a rounded 1/127 flips a rounding now and then)
+EXACT_DIVISION = NUMBA_FASTMATH - {"arcp"}
+
+
+@_njit(fastmath=EXACT_DIVISION, cache=True)
 def _quantize_activations_numba(x):
     """x (T, K) -> (xq (T, K) int8, xd (T, K//32) float32, xs (T, K//32) float32) with x ~ xq * xd per block
     of 32: ggml's quantize_row_q8_0 (d = amax / 127, round half away from zero), the scale kept in float32;
@@ -782,7 +798,7 @@ def _quantize_activations_numba(x):
     return xq, xd, xs
 
 
-@_njit(parallel=True, fastmath=NUMBA_FASTMATH, cache=True)
+@_njit(parallel=True, fastmath=EXACT_DIVISION, cache=True)
 def _matvec_int8_numba(out, x, data, scales):
     """q8_0/q4_0 W (N, K) -> out (T, N) = x @ W.T with x quantized to int8 blocks, llama.cpp's decode dot:
     per 32 weights one int8 dot product into 8 int32 lanes (_vdot_q) and one fma by scale_w * scale_x,
@@ -1970,3 +1986,85 @@ def set_threads(n: int):
     if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
         raise ValueError(f"threads must be in 1..{numba.config.NUMBA_NUM_THREADS} on this machine, got {n}")
     numba.set_num_threads(n)
+
+
+# -----------------------------------------------------------------------------
+# Self-check
+# `python kernels.py`: every op of every backend here once against its reference at SmolLM2-135M's sizes, a
+# line each with the max difference, pass/fail, the time of a call and, for the ops that stream memory,
+# the bandwidth that time means (bytes that must be read / time). The assertions live in tests/.
+
+
+def _check_calls(rng):
+    """(label, op, arguments, bytes the op must read or 0) at SmolLM2-135M's sizes, decode (T 1) and prefill."""
+    D, H, KV, Dh, F, S, V = 576, 9, 3, 64, 1536, 1024, 4096
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    cos, sin = f32(S, Dh // 2), f32(S, Dh // 2)
+    calls = []
+    for T in (1, 37):
+        pos = S - T - 100
+        for kind in KINDS:
+            w = quantize(f32(F, D), kind)
+            weight_bytes = w.data.nbytes + (0 if w.scales is None else w.scales.nbytes)
+            calls.append((f"matmul {kind} T={T}", "matmul", dict(out=f32(T, F), x=f32(T, D), w=w), weight_bytes))
+            calls.append((f"embed {kind} T={T}", "embed", dict(out=f32(T, D), w=quantize(f32(V, D), kind),
+                                                                tokens=rng.integers(0, V, T)), 0))
+        k_cache, v_cache = f32(S, KV, Dh), f32(S, KV, Dh)
+        calls += [
+            (f"rmsnorm T={T}", "rmsnorm", dict(out=f32(T, D), x=f32(T, D), weight=f32(D), eps=1e-5), 0),
+            (f"rope T={T}", "rope", dict(x=f32(T, H, Dh), pos=pos, cos=cos, sin=sin), 0),
+            (f"attention T={T} over {pos + T} keys", "attention",
+             dict(out=f32(T, H * Dh), q=f32(T, H, Dh), k=f32(T, KV, Dh), v=f32(T, KV, Dh), k_cache=k_cache,
+                  v_cache=v_cache, pos=pos), 2 * (pos + T) * KV * Dh * 4),
+            (f"swiglu T={T}", "swiglu", dict(out=f32(T, F), h1=f32(T, F), h3=f32(T, F)), 0),
+            (f"add T={T}", "add", dict(x=f32(T, D), y=f32(T, D)), 0),
+        ]
+    return calls
+
+
+def _check_one(backend, op, args, repeats=20):
+    """(max |out - ref|, passed, seconds per call) of one op call on `backend` against <op>_ref."""
+    xp = cupy if backend == "cupy" else np
+
+    def copy(a):  # a fresh array on the backend's device (weights too); other arguments as they are
+        if isinstance(a, QWeight):
+            return QWeight(xp.array(a.data), None if a.scales is None else xp.array(a.scales))
+        return xp.array(a) if isinstance(a, np.ndarray) else a
+
+    written = "out" if "out" in args else "x"  # rope and add work in place
+    ref_args = {name: a.copy() if isinstance(a, np.ndarray) else a for name, a in args.items()}
+    if op == "matmul" and backend == "numba" and args["w"].kind in QUANTIZED and args["x"].shape[0] == 1:
+        ref_args["x"] = quantize_activations_ref(args["x"])  # what the int8 decode matmul computes with
+    globals()[op + "_ref"](**ref_args)
+    ref = ref_args[written]
+    fn = globals()[op + BACKENDS[backend]]
+    dev = {name: copy(a) for name, a in args.items()}
+    fn(**dev)
+    got = dev[written].get() if backend == "cupy" else dev[written].copy()  # before the timed calls rewrite it
+    atol, rtol = TOLERANCE[op]
+    passed = bool(np.all(np.abs(got - ref) <= atol + rtol * np.abs(ref)))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn(**dev)
+    if backend == "cupy":
+        cupy.cuda.Device().synchronize()
+    return float(np.max(np.abs(got - ref))), passed, (time.perf_counter() - start) / repeats
+
+
+def main() -> int:
+    rng = np.random.default_rng(0)
+    failed = 0
+    for backend in available_backends()[1:]:  # numba, cupy: each against the numpy reference
+        for label, op, args, nbytes in _check_calls(rng):
+            diff, passed, seconds = _check_one(backend, op, args)
+            failed += not passed
+            speed = f"  {nbytes / seconds / 1e9:6.1f} GB/s" if nbytes else ""
+            print(f"{backend:5s}  {label:36s}  max|diff| {diff:8.2e}  {'pass' if passed else 'FAIL'}  "
+                  f"{seconds * 1e6:8.1f} us{speed}")
+    if len(available_backends()) == 1:
+        print("kernels: only the numpy reference is available here (pip install numba)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

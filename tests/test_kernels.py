@@ -34,16 +34,6 @@ def assert_close(out, ref, op):
     assert not bad.any(), f"{op}: {bad.sum()} of {out.size} elements off, max |diff| {np.nanmax(err):.3g}"
 
 
-def int8_activations(x):
-    """x as the int8 decode matmul sees it: blocks of 32 with d = amax / 127 and q = round(x / d) (half
-    away from zero); the numpy mirror of kernels._quantize_activations_numba."""
-    g = x.reshape(x.shape[0], -1, kernels.Q_BLOCK)
-    d = np.abs(g).max(axis=-1, keepdims=True) / np.float32(127)
-    inv_d = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
-    v = g * inv_d
-    return (np.sign(v) * np.floor(np.abs(v) + np.float32(0.5)) * d).reshape(x.shape).astype(np.float32)
-
-
 def random_weight(rng, kind, N, K, group_size=32):
     w = rng.standard_normal((N, K)).astype(np.float32)
     if kind in kernels.QUANTIZED and K >= 2 * group_size:
@@ -75,7 +65,7 @@ def test_matmul(rng, kind, T, N):
     x[0, :32] = 0  # an all-zero activation block
     out = poisoned(T, N)
     kernels.matmul_numba(out, x, w)
-    seen = int8_activations(x) if kind in kernels.QUANTIZED and T == 1 else x
+    seen = kernels.quantize_activations_ref(x) if kind in kernels.QUANTIZED and T == 1 else x
     assert_close(out, kernels.matmul_ref(np.empty_like(out), seen, w), "matmul")
 
 
@@ -90,7 +80,7 @@ def test_matmul_read_only_weights(rng, kind, T):
     x = rng.standard_normal((T, 256)).astype(np.float32)
     out = poisoned(T, 50)
     kernels.matmul_numba(out, x, w)
-    seen = int8_activations(x) if T == 1 else x
+    seen = kernels.quantize_activations_ref(x) if T == 1 else x
     assert_close(out, kernels.matmul_ref(np.empty_like(out), seen, w), "matmul")
 
 
@@ -195,6 +185,27 @@ def test_add(rng):
     np.testing.assert_array_equal(x, want)
 
 
+@needs_numba
+def test_quantize_activations_ref_is_the_numba_rounding(rng):
+    """The reference's int8 rounding is the kernel's, bit for bit, also at the halfway points."""
+    x = rng.standard_normal((3, 4096)).astype(np.float32)
+    x[0, :32] = 0  # an all-zero block
+    x[1, :32] = np.arange(32) - 15.5  # amax 15.5: d = 15.5 / 127, values at .5 steps of the grid
+    xq, xd, xs = kernels._quantize_activations_numba(x)
+    np.testing.assert_array_equal(xq * np.repeat(xd, 32, axis=1), kernels.quantize_activations_ref(x))
+    np.testing.assert_allclose(xs, xd * xq.reshape(3, -1, 32).sum(-1, dtype=np.int32), rtol=1e-6)
+
+
+@needs_numba
+def test_self_check_passes(capsys):
+    """`python kernels.py` checks every op of every backend here against its reference, a line each."""
+    assert kernels.main() == 0
+    lines = capsys.readouterr().out.splitlines()
+    n_calls = len(kernels._check_calls(np.random.default_rng(0)))
+    assert len(lines) == n_calls * (len(kernels.available_backends()) - 1)
+    assert all(" pass " in line for line in lines)
+
+
 ISA_INSTRUCTION = {"vnni": "vpdpbusd", "avx2": "vpmaddubsw", "portable": None}
 
 
@@ -213,7 +224,7 @@ def test_int8_matvec_each_instruction_set(rng, monkeypatch, isa, kind):
     x = rng.standard_normal((1, 96)).astype(np.float32)
     out = poisoned(1, 37)
     fresh(out, x, w.data.reshape(37, -1), w.scales.view(np.int16))
-    assert_close(out, kernels.matmul_ref(np.empty_like(out), int8_activations(x), w), "matmul")
+    assert_close(out, kernels.matmul_ref(np.empty_like(out), kernels.quantize_activations_ref(x), w), "matmul")
     if ISA_INSTRUCTION[isa]:
         assert ISA_INSTRUCTION[isa] in "\n".join(fresh.inspect_asm().values())
 
