@@ -2026,10 +2026,10 @@ def _check_one(backend, op, args, repeats=20):
     """(max |out - ref|, passed, seconds per call) of one op call on `backend` against <op>_ref."""
     xp = cupy if backend == "cupy" else np
 
-    def copy(a):  # a fresh array on the backend's device (weights too); other arguments as they are
+    def copy(a):  # float arrays and weights afresh on the backend's device; token ids and sizes as they are
         if isinstance(a, QWeight):
             return QWeight(xp.array(a.data), None if a.scales is None else xp.array(a.scales))
-        return xp.array(a) if isinstance(a, np.ndarray) else a
+        return xp.array(a) if isinstance(a, np.ndarray) and a.dtype == np.float32 else a
 
     written = "out" if "out" in args else "x"  # rope and add work in place
     ref_args = {name: a.copy() if isinstance(a, np.ndarray) else a for name, a in args.items()}
