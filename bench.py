@@ -19,8 +19,7 @@ llama_model_quantize, "pure": every matrix the --quant type), and convert_weight
 blocks bit-exact into llama31's format; transformers dequantizes the same GGUF to float32. Random models
 (`random:llama-3.2-1b`, `random:llama-3.1-8b`) are written straight into llama31's format by the converter's
 writer (no peers), and their decode is compared with the memory-bandwidth bound: weight bytes read per token
-divided by the read bandwidth measured here (a numba parallel sum over 1 GiB, best of 5, taken before
-and after the engines run, the higher of the two: this machine's bandwidth drifts by ~20% between runs).
+divided by the read bandwidth measured here (a numba parallel sum over 1 GiB, best of 5).
 Files are kept in --workdir (default: llama31's cache folder, under bench/).
 """
 
@@ -378,7 +377,6 @@ def main(argv=None) -> int:
         print("bench: peers need a GGUF model (--model X.gguf or the default); running llama31 only",
               file=sys.stderr)
 
-    bandwidth = read_bandwidth_gbs(args.threads)  # before and after the runs, the best: the machine drifts
     rows = {}
     with tempfile.TemporaryDirectory() as jit_cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=jit_cache)  # numba's own setting: a cold cache, then warm
@@ -388,7 +386,7 @@ def main(argv=None) -> int:
         rows["llama.cpp"] = spawn("llamacpp", gguf, args)
     if gguf and args.vs_torch:
         rows["transformers f32"] = spawn("torch", gguf, args)
-    bandwidth = max(bandwidth, read_bandwidth_gbs(args.threads))
+    bandwidth = read_bandwidth_gbs(args.threads)
     print(report(args, model, ours_file, first, rows, bandwidth))
     return 0
 
