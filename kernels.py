@@ -612,22 +612,19 @@ if numba is not None:
 
     @intrinsic
     def _tile_fma(typingctx, acc, w, x, i, stride):
-        """acc[j] += w * x.flat[i + j*stride : i + j*stride + 16] for the tile's tokens j = 0..3 (x float32, or
-        f16 bits as int16: the attention's keys)"""
-        if x.dtype not in (nbt.float32, nbt.int16) or x.layout != "C":
+        """acc[j] += w * x.flat[i + j*stride : i + j*stride + 16] for the tile's tokens j = 0..3"""
+        if x.dtype != nbt.float32 or x.layout != "C":
             return None
 
         def codegen(context, builder, sig, args):
             acc, w, x, i, stride = args
-            raw_ty = ir.VectorType(context.get_data_type(x_dtype), 16)
-            rows = [_ir_decode(builder, _ir_load(context, builder, sig.args[2], x, builder.add(i, builder.mul(
-                stride, ir.Constant(i.type, j))), raw_ty, x_dtype.bitwidth // 8), x_dtype) for j in range(4)]
+            rows = [_ir_load(context, builder, sig.args[2], x, builder.add(i, builder.mul(stride, ir.Constant(
+                i.type, j))), ir.VectorType(_F32, 16), 4) for j in range(4)]
             x01 = builder.shuffle_vector(rows[0], rows[1], _ir_consts(_I32, range(32)))
             x23 = builder.shuffle_vector(rows[2], rows[3], _ir_consts(_I32, range(32)))
             xt = builder.shuffle_vector(x01, x23, _ir_consts(_I32, range(64)))
             wt = builder.shuffle_vector(w, w, _ir_consts(_I32, [j % 16 for j in range(64)]))
             return builder.fadd(acc, builder.fmul(wt, xt, flags=("fast",)), flags=("fast",))
-        x_dtype = x.dtype
         return _TILE(_TILE, _F32X16, x, nbt.intp, nbt.intp), codegen
 
     @intrinsic
