@@ -837,10 +837,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
 def print_stats(model: Model, stats: dict):
     prefill_rate = stats["prompt_tokens"] / max(stats["prefill_seconds"], 1e-9)
     decoded = stats.get("new_tokens", 0) - 1  # the first new token's time is part of the prefill
-    decode_rate = decoded / stats["decode_seconds"] if decoded > 0 else float("nan")
+    decode = (f" | decode {stats['new_tokens']} tokens {decoded / stats['decode_seconds']:.1f} tok/s"
+              if decoded > 0 else "")
     print(f"\n[{model.backend}] load {model.load_seconds:.2f} s | prefill {stats['prompt_tokens']} tokens "
-          f"{prefill_rate:.1f} tok/s | decode {stats.get('new_tokens', 0)} tokens {decode_rate:.1f} tok/s",
-          file=sys.stderr)
+          f"{prefill_rate:.1f} tok/s{decode}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
