@@ -129,6 +129,8 @@ def test_cli_streams_ids_to_stdout_and_stats_to_stderr(tiny_model_file):
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.split()) == 5 and all(t.isdigit() for t in result.stdout.split())
     assert "prefill 3 tokens" in result.stderr and "decode 5 tokens" in result.stderr
+    one = run_cli("-m", tiny_model_file, "-n", "1", "-t", "0", "1 2 3")  # the token comes from the prefill
+    assert one.returncode == 0 and "prefill 3 tokens" in one.stderr and "decode" not in one.stderr
 
 
 @pytest.mark.parametrize("args,message", [
