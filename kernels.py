@@ -17,7 +17,8 @@ Ops (outputs first, then inputs; activations are float32 and C-contiguous):
     embed(out, w, tokens)                          tokens (T,) -> out (T, D): rows of W, dequantized
     rope(x, pos, cos, sin)                         in place on x (T, n_heads, Dh) at positions pos..pos+T-1
     attention(out, q, k, v, k_cache, v_cache, pos) stores k, v (T, KV, Dh) at pos, then causal GQA of
-                                                   q (T, H, Dh) over cache rows 0..pos+T-1 -> out (T, H*Dh)
+                                                   q (T, H, Dh) over cache rows 0..pos+T-1 -> out (T, H*Dh);
+                                                   caches float32 (numba: also float16)
     swiglu(out, h1, h3)                            out = silu(h1) * h3, all (T, F)
     add(x, y)                                      in place x += y (the residual stream)
 
@@ -29,11 +30,13 @@ as ggml's Q8_0/Q4_0, so GGUF tensors carry over bit-exact and the bytes read per
 
 Tolerance policy (tests use TOLERANCE[op]): |out - ref| <= atol + rtol * |ref| elementwise. Kernels that
 reorder float32 sums get rtol ~1e-4; kernels that quantize activations to int8 (llama.cpp's trick for
-integer dot products) are compared against the reference on the same int8 activations.
+integer dot products) are compared against the reference on the same int8 activations
+(quantize_activations_ref).
 
 How to add an op: write <op>_ref in numpy with its shape contract; write <op>_numba with the same
 signature; write _<OP>_SRC (one `extern "C" __global__ <op>_kernel`) and the <op>_cuda launcher; add the
-op name to OPS; add a test in tests/test_kernels.py against <op>_ref with sizes that don't divide blocks.
+op name to OPS; add a test in tests/test_kernels.py against <op>_ref with sizes that don't divide blocks,
+and a call to _check_calls for `python kernels.py`, which checks every op of every backend here at once.
 """
 
 import sys
