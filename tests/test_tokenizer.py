@@ -16,6 +16,8 @@ import json
 import pathlib
 import random
 
+import re
+
 import pytest
 
 import tokenizer
@@ -117,6 +119,16 @@ def llama3_merges(llama3):
     to_text = tokenizer._bytes_to_unicode_text
     tokens = [to_text(llama3.token_bytes(i)) for i in range(128000)] + tokenizer.LLAMA3_SPECIAL_TOKENS
     return tokens, [(to_text(a), to_text(b)) for *_, a, b in merges]
+
+
+def test_byte_level_strings_round_trip_and_strangers_are_refused():
+    """All 256 bytes survive bytes -> GPT-2 alphabet -> bytes; a character outside the alphabet (a raw space,
+    a Latin-1 control, or anything past U+0143) is refused, naming the token and the character."""
+    every_byte = bytes(range(256))
+    assert tokenizer._unicode_to_bytes(tokenizer._bytes_to_unicode_text(every_byte), 0) == every_byte
+    for text, bad in [("Ġthe cat", " "), ("ab\x07", "\x07"), ("Ġ\u20ac", "\u20ac"), ("x\uffff", "\uffff")]:
+        with pytest.raises(ValueError, match=f"token 7 .*character {re.escape(repr(bad))} is not in GPT-2"):
+            tokenizer._unicode_to_bytes(text, 7)
 
 
 # -----------------------------------------------------------------------------
