@@ -15,7 +15,6 @@ import base64
 import json
 import pathlib
 import random
-
 import re
 
 import pytest
