@@ -462,19 +462,18 @@ if numba is not None:
                              builder.shuffle_vector(v, v, _ir_consts(_I32, range(n, 2 * n))))
         return builder.extract_element(v, ir.Constant(_I32, 0))
 
-    @intrinsic
-    def _vzero(typingctx):
-        """np.zeros(16, np.float32)"""
-        def codegen(context, builder, sig, args):
-            return ir.Constant(ir.VectorType(_F32, 16), [0.0] * 16)
-        return _F32X16(), codegen
+    def _zeros(vec: _Vec):
+        """An intrinsic () -> a `vec` of zeros (one per vector type: an intrinsic cannot take a type)."""
+        @intrinsic
+        def zeros(typingctx):
+            def codegen(context, builder, sig, args):
+                return ir.Constant(ir.VectorType(_F32, vec.lanes), [0.0] * vec.lanes)
+            return vec(), codegen
+        return zeros
 
-    @intrinsic
-    def _vzero8(typingctx):
-        """np.zeros(8, np.float32)"""
-        def codegen(context, builder, sig, args):
-            return ir.Constant(ir.VectorType(_F32, 8), [0.0] * 8)
-        return _F32X8(), codegen
+    _vzero = _zeros(_F32X16)  # np.zeros(16, np.float32)
+    _vzero8 = _zeros(_F32X8)  # np.zeros(8, np.float32)
+    _tile_zero = _zeros(_TILE)  # accumulators of a 4-token tile: np.zeros((4, 16), np.float32)
 
     @intrinsic
     def _vsum(typingctx, v):
@@ -605,13 +604,6 @@ if numba is not None:
             return builder.fadd(acc, scaled, flags=("fast",))
         w_dtype = w.dtype
         return _F32X8(_F32X8, w, nbt.intp, xq, nbt.intp, nbt.float32), codegen
-
-    @intrinsic
-    def _tile_zero(typingctx):
-        """Accumulators of a 4-token tile: np.zeros((4, 16), np.float32)"""
-        def codegen(context, builder, sig, args):
-            return ir.Constant(ir.VectorType(_F32, 64), [0.0] * 64)
-        return _TILE(), codegen
 
     @intrinsic
     def _tile_fma(typingctx, acc, w, x, i, stride):
