@@ -80,7 +80,8 @@ def test_matmul_injected_fail(kind, N, K):
 
 
 @on_gpu
-def test_injected_crash_abort():
+@pytest.mark.parametrize("case", [1, 2])
+def test_injected_crash_abort(case):
     os.abort()
 
 

@@ -80,10 +80,13 @@ def test_crash_is_reported_and_later_groups_run(dry_run):
     _, _, summary = dry_run
     crash = group(summary, "injected_crash")
     assert crash["status"] == "crashed"
-    assert [r["status"] for r in crash["runs"]] == ["crashed", "failed", "ok"]  # abort, sticky error, the rest
-    assert crash["counts"] == {"crashed": 1, "failed": 1, "passed": 1}
-    case = row(summary, "test_injected_crash_abort")["failed_cases"][0]
-    assert case["outcome"] == "crashed" and "SIGABRT" in case["message"]
+    # abort[1] crashes the first process, the sticky error stops the second, the third runs the test that
+    # passes before abort[2] (a broken test function's other cases go last) and crashes on abort[2]
+    assert [(r["status"], r["tests"]) for r in crash["runs"]] == [("crashed", 1), ("failed", 1), ("crashed", 2)]
+    assert crash["counts"] == {"crashed": 2, "failed": 1, "passed": 1}
+    cases = row(summary, "test_injected_crash_abort")["failed_cases"]
+    assert [c["params"] for c in cases] == [{"case": 1}, {"case": 2}]
+    assert all(c["outcome"] == "crashed" and "SIGABRT" in c["message"] for c in cases)
     assert row(summary, "test_injected_crash_sticky")["status"] == "FAIL"
     for name in ("rmsnorm", "matmul", "swiglu_add"):  # the groups after it
         assert group(summary, name)["counts"].get("passed", 0) >= 2
