@@ -556,7 +556,8 @@ class Model:
         """Logits (T, V) float32 for every position of token_ids, in a fresh context."""
         token_ids = np.asarray(check_token_ids(token_ids, self.config.vocab_size, "token_ids"), dtype=np.int64)
         if len(token_ids) > self.ctx:
-            raise ValueError(f"{len(token_ids)} tokens exceed the context of {self.ctx}; load with a larger ctx")
+            raise ValueError(f"token_ids: {len(token_ids)} tokens exceed the context of {self.ctx}; "
+                             f"load with a larger ctx")
         state = self.new_state()
         chunks = []
         for start in range(0, len(token_ids), self.prefill_chunk):
@@ -729,6 +730,9 @@ def generate(model: Model, prompt, max_tokens: int | None = 256, temperature: fl
     if not (max_tokens is None or isinstance(max_tokens, (int, np.integer)) and max_tokens >= 0):
         raise ValueError(f"max_tokens must be an integer >= 0, or None for no limit; got {max_tokens!r}")
     ids = encode_prompt(model, prompt, chat, system)
+    if len(ids) > model.ctx:
+        raise ValueError(f"prompt: {len(ids)} tokens do not fit the context of {model.ctx}; load with a larger "
+                         f"ctx (--ctx; this model allows up to {model.config.max_seq_len})")
     sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     tokens = generate_tokens(model, model.new_state(), ids, sampler, max_tokens, stats)
     return _detokenize(model.tokenizer, tokens)

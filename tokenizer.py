@@ -137,18 +137,25 @@ def load(source, use_tiktoken=None):
             always the pure-Python BPE; True: require it). Ids are the same either way.
     Returns:
         a Tokenizer (or SentencePieceTokenizer).
+    Raises ValueError for a file or dict that is not a tokenizer this module reads, or a damaged one.
     """
-    if isinstance(source, dict):
+    where = "tokenizer dict" if isinstance(source, dict) else os.fspath(source)
+    # the readers index into JSON and metadata as the formats lay them out: a damaged file breaks that
+    # somewhere, and these errors of a lookup or a type are the file's fault, not the reader's
+    try:
+        if not isinstance(source, dict):
+            return _load_file(where, use_tiktoken)
         if source.get("format") == DICT_FORMAT:
             return _from_dict(source, use_tiktoken)
         if "tokenizer.ggml.model" in source:
             return _from_gguf(source)
-        raise ValueError(
-            "tokenizer.load: dict is neither GGUF metadata (no 'tokenizer.ggml.model' key) nor a "
-            f"Tokenizer.to_dict() result (no 'format': '{DICT_FORMAT}'); keys found: "
-            f"{sorted(source)[:8]}"
-        )
-    return _load_file(os.fspath(source), use_tiktoken)
+    except (KeyError, IndexError, TypeError, AttributeError, RecursionError, regex.error) as e:
+        raise ValueError(f"{where}: damaged tokenizer ({type(e).__name__}: {e})") from None
+    raise ValueError(
+        "tokenizer.load: dict is neither GGUF metadata (no 'tokenizer.ggml.model' key) nor a "
+        f"Tokenizer.to_dict() result (no 'format': '{DICT_FORMAT}'); keys found: "
+        f"{sorted(source)[:8]}"
+    )
 
 
 def _load_file(path, use_tiktoken):
@@ -212,6 +219,13 @@ def _llama3_tokenizer(b64_tokens, use_tiktoken, chat_format="llama3"):
         raise ValueError(
             f"Llama 3 tokenizer: bad base64 token ({e}); is this Meta's tokenizer.model?"
         ) from None
+    # byte-level BPE needs every byte as a token (tiktoken panics without one), and one rank per token
+    missing = sorted(set(range(256)) - {t[0] for t in ranks if len(t) == 1})
+    if missing or len(set(ranks)) != len(ranks):
+        raise ValueError(
+            f"Llama 3 tokenizer: {f'byte {missing[0]:#04x} has no rank' if missing else 'a token has two ranks'}; "
+            "is this Meta's tokenizer.model?"
+        )
     special = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)}
     return Tokenizer(
         vocab=ranks + [name.encode("utf-8") for name in LLAMA3_SPECIAL_TOKENS],
@@ -1066,10 +1080,16 @@ def _render_jinja(template, messages, tools, add_generation_prompt, bos_token, e
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = _raise_template_error
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template).render(
-        messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-        bos_token=bos_token, eos_token=eos_token,
-    )
+    # the template is a program from the model file: whatever it raises is the template's error
+    try:
+        return env.from_string(template).render(
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token, eos_token=eos_token,
+        )
+    except ValueError:  # raise_exception's message, or one of ours
+        raise
+    except Exception as e:
+        raise ValueError(f"chat template: {type(e).__name__}: {e}") from None
 
 
 def _raise_template_error(message):
