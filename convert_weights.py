@@ -758,7 +758,7 @@ def read_gguf(path: str) -> tuple[dict, dict]:
         for _ in range(n_tensors):
             name = r.string()
             n_dims = r.take("<I")
-            if n_dims > 4:
+            if not 1 <= n_dims <= 4:
                 raise ValueError(f"{path}: tensor {name} has {n_dims} dimensions: corrupt GGUF")
             dims = [r.take("<Q") for _ in range(n_dims)]
             infos.append((name, dims, r.take("<I"), r.take("<Q")))

@@ -60,6 +60,13 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
 
+    def __post_init__(self):
+        # rope_frequencies divides by each of these and by high - low
+        if not (self.factor > 0 and 0 < self.low_freq_factor < self.high_freq_factor
+                and self.original_max_position_embeddings > 0):
+            raise ValueError(f"rope_scaling: need factor > 0, 0 < low_freq_factor < high_freq_factor and "
+                             f"original_max_position_embeddings > 0, got {self}")
+
 
 @dataclass(frozen=True)
 class Config:

@@ -32,6 +32,7 @@ or with a built-in ChatML when jinja2 is absent and the template is ChatML.
 import base64
 import codecs
 import heapq
+import itertools
 import json
 import os
 from datetime import datetime
@@ -119,6 +120,8 @@ DICT_VERSION = 1
 CACHE_MAX_ENTRIES = 200_000
 # Sentinel rank for "this pair does not merge"; larger than any real rank.
 NO_MERGE = 1 << 62
+# Token ids a tokenizer.json may use: far above any real vocabulary, and a bound on what a damaged one allocates.
+MAX_VOCAB = 1 << 24
 
 
 # -----------------------------------------------------------------------------
@@ -149,7 +152,7 @@ def load(source, use_tiktoken=None):
             return _from_dict(source, use_tiktoken)
         if "tokenizer.ggml.model" in source:
             return _from_gguf(source)
-    except (KeyError, IndexError, TypeError, AttributeError, RecursionError, regex.error) as e:
+    except (KeyError, IndexError, TypeError, AttributeError, OverflowError, RecursionError, regex.error) as e:
         raise ValueError(f"{where}: damaged tokenizer ({type(e).__name__}: {e})") from None
     raise ValueError(
         "tokenizer.load: dict is neither GGUF metadata (no 'tokenizer.ggml.model' key) nor a "
@@ -278,7 +281,10 @@ def _from_tokenizer_json(data, path):
         )
     split_patterns = _hf_split_patterns(data.get("pre_tokenizer"), path)
     added = {t["content"]: t for t in data.get("added_tokens", [])}
-    tokens = [None] * (max([*model["vocab"].values(), *(t["id"] for t in added.values())]) + 1)
+    ids = [*model["vocab"].values(), *(t["id"] for t in added.values())]
+    if not all(type(i) is int and 0 <= i < MAX_VOCAB for i in ids):
+        raise ValueError(f"{path}: token ids must be integers in 0..{MAX_VOCAB - 1}: damaged tokenizer.json")
+    tokens = [None] * (max(ids) + 1)
     types = [TOKEN_NORMAL] * len(tokens)
     for text, i in model["vocab"].items():
         tokens[i] = text
@@ -360,7 +366,7 @@ def _byte_level_tokenizer(tokens, types, merges, pre, bos_id, eos_id, stop_ids, 
             )
         pre = PRE_TOKENIZERS[pre]
     split_patterns, ignore_merges = pre
-    vocab, special, always = [], {}, {}
+    vocab, special, always, byte_level = [], {}, {}, []
     for i, (text, kind) in enumerate(zip(tokens, types)):
         if text is None:  # an id tokenizer.json leaves unused
             vocab.append(b"")
@@ -369,7 +375,10 @@ def _byte_level_tokenizer(tokens, types, merges, pre, bos_id, eos_id, stop_ids, 
             # control tokens are matched in text only when allowed; user-defined always (llama.cpp, HF)
             (special if kind == TOKEN_CONTROL else always)[text] = i
         else:
-            vocab.append(_unicode_to_bytes(text, i))
+            vocab.append(None)
+            byte_level.append(i)
+    for i, token in zip(byte_level, _unicode_to_bytes_all([tokens[i] for i in byte_level], "token", byte_level)):
+        vocab[i] = token
     stop_ids = set(stop_ids) | {special[t] for t in KNOWN_STOP_TOKENS if t in special}
     return Tokenizer(
         vocab=vocab,
@@ -448,6 +457,19 @@ def _unicode_to_bytes(text, token_id):
             f"token {token_id} {text!r}: character {text[e.start]!r} is not in GPT-2's byte-level alphabet; "
             "is this a byte-level BPE vocabulary?"
         ) from None
+
+
+def _unicode_to_bytes_all(texts, what, numbers):
+    """[_unicode_to_bytes(t) for t in texts] in one translate and one encode, then slices: a vocabulary
+    has 10^5 strings and this runs at every load. numbers[i] names texts[i] in the error ("token 7")."""
+    try:
+        data = "".join(texts).translate(_TO_LATIN1).encode("latin-1")
+    except UnicodeEncodeError:
+        for text, number in zip(texts, numbers):
+            _unicode_to_bytes(text, f"{what} {number}")  # raises, naming the string
+        raise
+    ends = list(itertools.accumulate(map(len, texts)))  # one byte per character
+    return [data[a:b] for a, b in zip([0, *ends], ends)]
 
 
 def _bytes_to_unicode_text(token):
@@ -585,13 +607,19 @@ class Tokenizer:
 
     def _pair_ranks(self, merges):
         """Byte-level merge strings -> {(a_bytes, b_bytes): rank}, each result checked to be a token."""
-        ranks = {}
-        for rank, (a, b) in enumerate(merges):
-            pair = (_unicode_to_bytes(a, f"merge {rank}"), _unicode_to_bytes(b, f"merge {rank}"))
-            if pair[0] + pair[1] not in self._ids:
-                raise ValueError(f"tokenizer: merge {rank} ({a!r} {b!r}) makes a string that is no token")
-            ranks.setdefault(pair, rank)
-        return ranks
+        odd = next((rank for rank, m in enumerate(merges) if len(m) != 2), None)
+        if odd is not None:
+            raise ValueError(f"tokenizer: merge {odd} ({merges[odd]!r}) is not a pair of strings")
+        halves = _unicode_to_bytes_all([s for m in merges for s in m], "merge",
+                                       [rank for rank in range(len(merges)) for _ in (0, 1)])
+        pairs = list(zip(halves[0::2], halves[1::2]))
+        ids = self._ids
+        bad = next((rank for rank, (a, b) in enumerate(pairs) if a + b not in ids), None)
+        if bad is not None:
+            raise ValueError(f"tokenizer: merge {bad} ({merges[bad][0]!r} {merges[bad][1]!r}) makes a string "
+                             f"that is no token")
+        # the first rank of a pair that is listed twice wins: insert them last to first
+        return dict(zip(reversed(pairs), range(len(pairs) - 1, -1, -1)))
 
     def _build_tiktoken(self, use_tiktoken):
         """tiktoken.Encoding with the same ranks, for Llama 3 only (it has no pair-merges mode)."""
