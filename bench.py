@@ -65,10 +65,12 @@ def peak_rss_mb() -> float:
 def run_ours(args) -> dict:
     import numba
 
+    import kernels
     import llama31
 
     numba.set_num_threads(args.threads)
-    model = llama31.load(args.file, backend=args.backend, ctx=args.prompt + args.gen + 1)
+    with kernels.numba_compiles() as compiled:  # first run: what compiling each kernel takes
+        model = llama31.load(args.file, backend=args.backend, ctx=args.prompt + args.gen + 1)
     ids = prompt_ids(model.config.vocab_size, args.prompt)
     best = {}
     for rep in range(args.repeats):
@@ -89,6 +91,7 @@ def run_ours(args) -> dict:
     best["weight_bytes_per_token"] = sum(a.nbytes for t in read for a in (t if isinstance(t, tuple) else (t,))
                                          if a is not None)
     best["backend"] = model.backend
+    best["compile_s"] = compiled
     return best
 
 
@@ -406,6 +409,9 @@ def report(args, model: str, ours_file: str, first: dict, rows: dict, bandwidth:
     lines.append("")
     lines.append(f"llama31 first run (empty JIT cache, compiling every kernel): time to first token "
                  f"{first['ttft_s']:.2f} s; second run {ours['ttft_s']:.2f} s")
+    compiled = sorted(first["compile_s"].items(), key=lambda kv: -kv[1])
+    lines.append(f"first run's compile: {sum(first['compile_s'].values()):.1f} s: "
+                 + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in compiled))
     for name, r in rows.items():
         if r is not ours:
             lines.append(f"llama31 / {name}: decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, "

@@ -29,6 +29,7 @@ References:
 
 import argparse
 import copy
+import gc
 import glob
 import json
 import math
@@ -579,7 +580,15 @@ class Model:
 
 def load(path: str, backend: str = "auto", ctx: int | None = None) -> Model:
     """Load a llama31 model file (from convert_weights.py) on "numpy", "numba", "cupy" or "auto"."""
-    return Model(path, backend=backend, ctx=ctx)
+    # loading makes ~10^5 objects that all stay alive (the tokenizer's tables, numba's registries): the cyclic
+    # garbage collector would scan the growing heap over and over for nothing (0.1 s of a 1 s start)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return Model(path, backend=backend, ctx=ctx)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 # -----------------------------------------------------------------------------
