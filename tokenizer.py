@@ -382,7 +382,7 @@ def _byte_level_tokenizer(tokens, types, merges, pre, bos_id, eos_id, stop_ids, 
     stop_ids = set(stop_ids) | {special[t] for t in KNOWN_STOP_TOKENS if t in special}
     return Tokenizer(
         vocab=vocab,
-        merges=[m.split(" ") if isinstance(m, str) else m for m in merges],
+        merges=merges,
         special_tokens=special,
         user_defined_tokens=always,
         split_patterns=split_patterns,
@@ -446,6 +446,7 @@ BYTE_TO_UNICODE = _bytes_to_unicode()
 # .encode("latin-1") gives the bytes in C, not per character); the Latin-1 characters that are not in the
 # alphabet map to U+FFFF, which latin-1 cannot encode, so that they are refused.
 _TO_LATIN1 = {**{b: 0xFFFF for b in range(256)}, **{ord(c): b for b, c in BYTE_TO_UNICODE.items()}}
+_TO_LATIN1_AND_SPACE = {**_TO_LATIN1, ord(" "): ord(" ")}  # merges: "a b", the space kept where it stands
 
 
 def _unicode_to_bytes(text, token_id):
@@ -561,7 +562,8 @@ class Tokenizer:
     Args (usually built by `load()`):
         vocab: token bytes by id (special tokens hold their UTF-8 text).
         merges: None for Llama 3 (a pair merges at the rank of the concatenated token, tiktoken's
-            rule), or a list of (a, b) byte-level strings in priority order (GGUF / HF).
+            rule), or a list of "a b" strings or (a, b) pairs of byte-level strings in priority order
+            (GGUF / HF).
         special_tokens: text -> id of control tokens (matched in text only when allowed).
         user_defined_tokens: text -> id of added tokens that are always matched in text.
         split_patterns: regexes applied in order; each one splits every piece of the previous one.
@@ -606,18 +608,28 @@ class Tokenizer:
                 raise ValueError(f"tokenizer: {name} = {i} is outside the vocabulary (0..{n - 1})")
 
     def _pair_ranks(self, merges):
-        """Byte-level merge strings -> {(a_bytes, b_bytes): rank}, each result checked to be a token."""
-        odd = next((rank for rank, m in enumerate(merges) if len(m) != 2), None)
+        """Merges ("a b" byte-level strings, or (a, b) pairs) -> {(a_bytes, b_bytes): rank}, each result checked
+        to be a token. All merges go through one translate and one encode, then slices: a vocabulary has 10^5
+        merges and this runs at every load."""
+        texts = [m if isinstance(m, str) else " ".join(m) if len(m) == 2 else "" for m in merges]
+        cuts = [m.find(" ") for m in texts]  # a byte-level string holds no space: it separates a from b
+        odd = next((rank for rank, (m, cut) in enumerate(zip(texts, cuts)) if cut < 0 or " " in m[cut + 1:]), None)
         if odd is not None:
             raise ValueError(f"tokenizer: merge {odd} ({merges[odd]!r}) is not a pair of strings")
-        halves = _unicode_to_bytes_all([s for m in merges for s in m], "merge",
-                                       [rank for rank in range(len(merges)) for _ in (0, 1)])
-        pairs = list(zip(halves[0::2], halves[1::2]))
+        try:
+            data = "".join(texts).translate(_TO_LATIN1_AND_SPACE).encode("latin-1")
+        except UnicodeEncodeError:
+            for rank, m in enumerate(texts):
+                _unicode_to_bytes(m.replace(" ", ""), f"merge {rank}")  # raises, naming the merge
+            raise
+        pairs, start = [], 0
+        for m, cut in zip(texts, cuts):
+            pairs.append((data[start:start + cut], data[start + cut + 1:start + len(m)]))
+            start += len(m)
         ids = self._ids
         bad = next((rank for rank, (a, b) in enumerate(pairs) if a + b not in ids), None)
         if bad is not None:
-            raise ValueError(f"tokenizer: merge {bad} ({merges[bad][0]!r} {merges[bad][1]!r}) makes a string "
-                             f"that is no token")
+            raise ValueError(f"tokenizer: merge {bad} ({texts[bad]!r}) makes a string that is no token")
         # the first rank of a pair that is listed twice wins: insert them last to first
         return dict(zip(reversed(pairs), range(len(pairs) - 1, -1, -1)))
 
