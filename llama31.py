@@ -873,6 +873,10 @@ def resolve_model(path: str | None, quant: str = "q8_0") -> str:
 COMPILE_NOTICE = "compiling CPU kernels, once: about 20 s"
 
 
+def _say_compiling():
+    print(COMPILE_NOTICE, file=sys.stderr, flush=True)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one `error: ...` line and exit status 1, like every other CLI error."""
 
@@ -948,8 +952,8 @@ def main(argv=None) -> int:
         if args.threads is not None:
             kernels.set_threads(args.threads)
         path = resolve_model(args.model)
-        # the model's kernels compile (first run) or load from numba's cache while it loads: say so if they compile
-        with kernels.numba_compiles(on_first=lambda: print(COMPILE_NOTICE, file=sys.stderr, flush=True)) as compiled:
+        # the kernels compile (first run) or load from numba's cache while the model loads: say it if they compile
+        with kernels.numba_compiles(on_first=_say_compiling) as compiled:
             model = load(path, backend=backend, ctx=args.ctx)
         notice = kernels.backend_notice(model.backend)
         if notice:
