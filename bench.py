@@ -98,6 +98,16 @@ def run_ours(args) -> dict:
 def run_llamacpp(args) -> dict:
     import llama_cpp
 
+    if args.quant == "q8_0":
+        # llama.cpp's AMX kernels die of SIGSEGV on the AMX Xeons this was measured on; for Q8_0 on x86 they
+        # are its only extra buffer type (its repacked layouts are for Q4_0 or ARM), so only they go
+        default_params = llama_cpp.llama_cpp.llama_model_default_params  # what llama_cpp.Llama calls
+
+        def without_extra_buffers():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+        llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
     llm = llama_cpp.Llama(model_path=args.file, n_threads=args.threads, n_threads_batch=args.threads,
                           n_batch=args.prompt, n_ubatch=args.prompt, n_ctx=args.prompt + args.gen + 1,
                           verbose=False)
@@ -162,7 +172,7 @@ def spawn(engine: str, file: str, args, env: dict | None = None) -> dict:
     """Run one engine in a fresh Python process and return its RESULT."""
     cmd = [sys.executable, os.path.abspath(__file__), "--engine", engine, "--file", file, "--threads",
            str(args.threads), "--prompt", str(args.prompt), "--gen", str(args.gen), "--repeats",
-           str(args.repeats), "--backend", args.backend, "--spawned", repr(time.time())]
+           str(args.repeats), "--backend", args.backend, "--quant", args.quant, "--spawned", repr(time.time())]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
