@@ -209,6 +209,19 @@ def test_cli_process_never_dies_of_a_signal_or_a_traceback(case, tiny_model_file
         assert r.stdout == "" and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
 
 
+@pytest.mark.parametrize("content", [None, b"", b"LL31", b"GGUF", b"GGUF\x03\x00\x00\x00" + b"\xff" * 40, b"PK\x03\x04"])
+def test_cli_model_path_that_is_no_model_is_one_error_line(content, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA31_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "model.bin"
+    if content is not None:
+        path.write_bytes(content)
+    for model in (str(path), str(tmp_path), ""):
+        status, out, err = run_main(["-m", model, "1 2 3"])
+        lines = err.splitlines()  # a GGUF is announced ("converting ... (once)") before it fails
+        assert status == 1 and out == "" and lines[-1].startswith("error: "), (model, err)
+        assert sum(line.startswith("error: ") for line in lines) == 1 and "Traceback" not in err
+
+
 def test_empty_raw_prompt_is_one_error_line(tiny_model_file):
     status, out, err = run_main(["-m", tiny_model_file, "--raw", ""])
     assert status == 1 and out == "" and err.startswith("error: prompt: ") and err.count("\n") == 1
