@@ -650,8 +650,9 @@ def sample_mult(probs: np.ndarray, coin: float) -> int:
 
 def sample_topp(probs: np.ndarray, top_p: float, coin: float) -> int:
     """Nucleus sampling: sample from the smallest set of tokens whose probabilities sum past top_p."""
-    # a token below (1 - top_p) / (n - 1) can't be in the nucleus: filter before the O(n log n) sort
-    candidates = np.flatnonzero(probs >= (1.0 - top_p) / max(len(probs) - 1, 1))
+    # a token below (1 - top_p) / (n - 1) can't be in the nucleus: filter before the O(n log n) sort; the top
+    # token always is (with top_p < 1/n that bound is above every token of a near-uniform distribution)
+    candidates = np.flatnonzero(probs >= min((1.0 - top_p) / max(len(probs) - 1, 1), probs.max()))
     candidates = candidates[np.argsort(-probs[candidates], kind="stable")]
     cumulative = np.cumsum(probs[candidates])
     last = min(int(np.searchsorted(cumulative, top_p)), len(candidates) - 1)
