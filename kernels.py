@@ -455,8 +455,27 @@ if numba is not None:
 
     _vzero = _zeros(_F32X16)  # np.zeros(16, np.float32)
     _tile_zero = _zeros(_TILE)  # accumulators of a 4-token tile: np.zeros((4, 16), np.float32)
-    _tile8_zero = _zeros(_Vec(128))  # matmul's 8 tokens x 16 weight rows
-    _tile2_zero = _zeros(_Vec(32))  # matmul's 2 tokens x 16 weight rows
+
+    class _Tile(_Vec):
+        """matmul's accumulators: `tokens` x `rows` float32 (rows a multiple of 16), token c's at lanes
+        c*rows .. (c+1)*rows - 1; lanes are consecutive weight rows, so a token's are consecutive outputs."""
+
+        def __init__(self, tokens: int, rows: int):
+            self.lanes, self.tokens, self.rows = tokens * rows, tokens, rows
+            nbt.Type.__init__(self, name=f"tile_f32_{tokens}x{rows}")
+
+    register_model(_Tile)(_VecModel)
+
+    @intrinsic(prefer_literal=True)
+    def _tile_zeros(typingctx, tokens, rows):
+        """np.zeros((tokens, rows), np.float32) as a _Tile, for constant tokens and rows"""
+        if not isinstance(tokens, nbt.IntegerLiteral) or not isinstance(rows, nbt.IntegerLiteral):
+            return None
+        tile = _Tile(tokens.literal_value, rows.literal_value)
+
+        def codegen(context, builder, sig, args):
+            return ir.Constant(ir.VectorType(_F32, tile.lanes), [0.0] * tile.lanes)
+        return tile(tokens, rows), codegen
 
     @intrinsic
     def _vsum(typingctx, v):
@@ -726,7 +745,9 @@ if numba is not None:
         xq[c, 32g:32g+32] with each row's 32 weights, started from xc[c, g] (which takes the weights' bias off),
         to float32, then fma with wd[g] * xd[c, g]. weights: data (N, K or K/2) read at rows n0..n0+15, or
         _qpack's buffer (G, 8, 64). Every lane runs the same steps whatever C is: batch-invariant results."""
-        C = acc.lanes // Q_ROWS
+        if not isinstance(acc, _Tile) or acc.rows != Q_ROWS:
+            return None
+        C = acc.tokens
 
         def codegen(context, builder, sig, args):
             acc, weights, n0, wd, g, xq, xd, xc, t0 = args
@@ -756,21 +777,77 @@ if numba is not None:
         return acc(acc, weights, nbt.intp, wd, nbt.intp, xq, xd, xc, nbt.intp), codegen
 
     @intrinsic
+    def _fpack(typingctx, panel, k0, data, n0):
+        """panel[k0:k0+16] (16 columns x 32 rows, float32) = data[n0:n0+32, k0:k0+16].T decoded (f32, f16 or bf16
+        bits; rows past the last repeat it): a float slab with rows in lanes, as in the int8 matmul"""
+        def codegen(context, builder, sig, args):
+            panel, k0, data, n0 = args
+            N, K = cgutils.unpack_tuple(builder, context.make_array(sig.args[2])(context, builder, data).shape, 2)
+            dtype = sig.args[2].dtype
+            columns = [[] for _ in range(16)]  # column j: rows 0-15, then rows 16-31
+            for half in range(F_ROWS // 16):
+                rows = []
+                for r in range(16 * half, 16 * half + 16):
+                    n = builder.add(n0, ir.Constant(n0.type, r))
+                    n = builder.select(builder.icmp_signed("<", n, N), n, builder.sub(N, ir.Constant(N.type, 1)))
+                    raw = _ir_load(context, builder, sig.args[2], data, builder.add(builder.mul(n, K), k0),
+                                   ir.VectorType(context.get_data_type(dtype), 16), dtype.bitwidth // 8)
+                    rows.append(_ir_decode(builder, raw, dtype))
+                for j, v in enumerate(_ir_transpose(builder, rows)):
+                    columns[j].append(v)
+            base = context.make_array(sig.args[0])(context, builder, panel).data
+            for j, column in enumerate(columns):
+                v = _ir_cat(builder, column)
+                i = builder.mul(builder.add(k0, ir.Constant(k0.type, j)), ir.Constant(k0.type, F_ROWS))
+                builder.store(v, builder.bitcast(builder.gep(base, [i]), v.type.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return nbt.none(panel, nbt.intp, data, nbt.intp), codegen
+
+    @intrinsic(prefer_literal=True)
+    def _fdot(typingctx, acc, panel, k, x, t0, steps):
+        """acc[c] = fma(panel[j], x[t0 + c, j], acc[c]) for j = k .. k + steps - 1 in turn, for the tile's C
+        tokens: `steps` columns of the slab's 32 rows (steps constant: 4 per loop turn, 1 for the last few)"""
+        if not isinstance(acc, _Tile) or acc.rows != F_ROWS or not isinstance(steps, nbt.IntegerLiteral):
+            return None
+        C, n_steps = acc.tokens, steps.literal_value
+
+        def codegen(context, builder, sig, args):
+            acc, panel, k, x, t0, _ = args
+            f32x16 = ir.VectorType(_F32, 16)
+            K = cgutils.unpack_tuple(builder, context.make_array(sig.args[3])(context, builder, x).shape, 2)[1]
+            parts = [_ir_part(builder, acc, i) for i in range(2 * C)]  # token c: rows 0-15, rows 16-31
+            for step in range(n_steps):
+                j = builder.add(k, ir.Constant(k.type, step))
+                w = [_ir_load(context, builder, sig.args[1], panel, builder.add(builder.mul(j, ir.Constant(
+                    k.type, F_ROWS)), ir.Constant(k.type, 16 * h)), f32x16, 4) for h in range(2)]
+                for c in range(C):
+                    xi = builder.add(builder.mul(builder.add(t0, ir.Constant(t0.type, c)), K), j)
+                    xj = _ir_splat(builder, _ir_load(context, builder, sig.args[3], x, xi, _F32, 4), 16)
+                    for h in range(2):
+                        parts[2 * c + h] = _ir_call(builder, "llvm.fma.v16f32", f32x16, w[h], xj, parts[2 * c + h])
+            return _ir_cat(builder, parts)
+        return acc(acc, panel, nbt.intp, x, nbt.intp, steps), codegen
+
+    @intrinsic
     def _tile_store(typingctx, out, t0, n0, acc, cols):
-        """out[t0 + c, n0:n0 + cols] = acc[c] for each of the tile's C tokens c (cols <= 16: a masked store)"""
-        C = acc.lanes // Q_ROWS
+        """out[t0 + c, n0:n0 + cols] = acc[c] for each of the tile's tokens c (cols <= its rows: masked stores)"""
+        if not isinstance(acc, _Tile):
+            return None
+        C, parts = acc.tokens, acc.rows // 16
 
         def codegen(context, builder, sig, args):
             out, t0, n0, acc, cols = args
             arr = context.make_array(sig.args[0])(context, builder, out)
             N = cgutils.unpack_tuple(builder, arr.shape, 2)[1]
             f32x16 = ir.VectorType(_F32, 16)
-            mask = builder.icmp_signed("<", _ir_consts(_I32, range(16)), _ir_splat(builder, builder.trunc(cols, _I32), 16))
+            lanes = _ir_splat(builder, builder.trunc(cols, _I32), 16)
+            masks = [builder.icmp_signed("<", _ir_consts(_I32, range(16 * h, 16 * h + 16)), lanes) for h in range(parts)]
             for c in range(C):
-                i = builder.add(builder.mul(builder.add(t0, ir.Constant(t0.type, c)), N), n0)
-                ptr = builder.bitcast(builder.gep(arr.data, [i]), f32x16.as_pointer())
-                _ir_call(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(), _ir_part(builder, acc, c), ptr,
-                         ir.Constant(_I32, 4), mask)
+                row = builder.add(builder.mul(builder.add(t0, ir.Constant(t0.type, c)), N), n0)
+                for h in range(parts):
+                    ptr = builder.gep(arr.data, [builder.add(row, ir.Constant(row.type, 16 * h))])
+                    _ir_call(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(), _ir_part(builder, acc, c * parts + h),
+                             builder.bitcast(ptr, f32x16.as_pointer()), ir.Constant(_I32, 4), masks[h])
             return context.get_dummy_value()
         return nbt.none(out, nbt.intp, nbt.intp, acc, nbt.intp), codegen
 
@@ -942,16 +1019,16 @@ def _int8_slab(out, n0, cols, weights, wd, xq, xd, xc):
     T = xq.shape[0]
     t0 = 0
     while T - t0 >= 8:
-        _int8_tile(_tile8_zero(), out, t0, n0, cols, weights, wd, xq, xd, xc)
+        _int8_tile(_tile_zeros(8, 16), out, t0, n0, cols, weights, wd, xq, xd, xc)
         t0 += 8
     if T - t0 >= 4:
-        _int8_tile(_tile_zero(), out, t0, n0, cols, weights, wd, xq, xd, xc)
+        _int8_tile(_tile_zeros(4, 16), out, t0, n0, cols, weights, wd, xq, xd, xc)
         t0 += 4
     if T - t0 >= 2:
-        _int8_tile(_tile2_zero(), out, t0, n0, cols, weights, wd, xq, xd, xc)
+        _int8_tile(_tile_zeros(2, 16), out, t0, n0, cols, weights, wd, xq, xd, xc)
         t0 += 2
     if T - t0 >= 1:
-        _int8_tile(_vzero(), out, t0, n0, cols, weights, wd, xq, xd, xc)
+        _int8_tile(_tile_zeros(1, 16), out, t0, n0, cols, weights, wd, xq, xd, xc)
 
 
 # Layout: the weights stay as stored (ggml's blocks, memory-mapped) and each thread transposes a slab of 16 rows
@@ -1003,39 +1080,56 @@ def _dequantize_row_numba(dst, data, scales, n, K):
                 _vstore(dst, k, _vscale(_vload(data, n * K + k), d))
 
 
-@_njit(cache=True)
-def _padded_copy_numba(x, T, K):
-    """x in a zeroed (T, K) float32 array: whole tiles and vectors, 64-byte aligned (numba's allocator)"""
-    padded = np.zeros((T, K), np.float32)
-    padded[:x.shape[0], :x.shape[1]] = x
-    return padded
+F_ROWS = 32  # float matmul: weight rows per slab (two vectors: 16 tokens' worth of fma chains at 8 tokens)
+
+
+@_njit(fastmath=NUMBA_FASTMATH, inline="always")
+def _float_tile(acc, out, t0, n0, cols, panel, x):
+    """out[t0:t0+C, n0:n0+cols] = the C tokens' products with the slab: acc (zeros) advanced column by column"""
+    K = panel.shape[0]
+    for k in range(0, K - 3, 4):
+        acc = _fdot(acc, panel, k, x, t0, 4)
+    for k in range(K - K % 4, K):
+        acc = _fdot(acc, panel, k, x, t0, 1)
+    _tile_store(out, t0, n0, acc, cols)
+
+
+@_njit(fastmath=NUMBA_FASTMATH, inline="always")
+def _float_slab(out, n0, cols, panel, x):
+    """Every token times one slab of weight rows: tiles of 8 tokens, then one each of 4, 2, 1 as needed"""
+    T = x.shape[0]
+    t0 = 0
+    while T - t0 >= 8:
+        _float_tile(_tile_zeros(8, 32), out, t0, n0, cols, panel, x)
+        t0 += 8
+    if T - t0 >= 4:
+        _float_tile(_tile_zeros(4, 32), out, t0, n0, cols, panel, x)
+        t0 += 4
+    if T - t0 >= 2:
+        _float_tile(_tile_zeros(2, 32), out, t0, n0, cols, panel, x)
+        t0 += 2
+    if T - t0 >= 1:
+        _float_tile(_tile_zeros(1, 32), out, t0, n0, cols, panel, x)
 
 
 @_njit(parallel=True, fastmath=NUMBA_FASTMATH, cache=True)
-def _matmul_tiles_numba(out, x, data, scales):
-    """Any kind W (N, K) -> out (T, N) = x @ W.T for prefill (and float-kind decode): threads take blocks of
-    16 rows, dequantize them to float32 once, then run 4-token x 2-row tiles of float32 fmas over them,
-    so each loaded vector feeds 4 or 2 fmas. x is copied, zero-padded to whole tiles and vectors."""
+def _matmul_float_numba(out, x, data, parts):
+    """f32/f16/bf16 W (N, K) -> out (T, N) = x @ W.T in float32, shaped like the int8 matmul: `parts` threads
+    take runs of 32-row slabs, decode and transpose each once into a panel (K, 32), then every token tile
+    does one fma per column and row in column order, so row t of out does not depend on the other rows."""
     T, K = x.shape
-    N = out.shape[1]
-    Kp = (K + 15) // 16 * 16  # row length in whole vectors
-    xs = _padded_copy_numba(x, (T + 3) // 4 * 4, Kp)
-    for blk in numba.prange((N + 15) // 16):
-        n0, rows = blk * 16, min(16, N - blk * 16)
-        wf = np.zeros((16, Kp), np.float32)  # rows past N stay zero
-        for r in range(rows):
-            _dequantize_row_numba(wf[r], data, scales, n0 + r, K)
-        for t0 in range(0, T, 4):
-            for r in range(0, rows, 2):
-                acc0, acc1 = _tile_zero(), _tile_zero()
-                for k in range(0, Kp, 16):
-                    acc0 = _tile_fma(acc0, _vload(wf, r * Kp + k), xs, t0 * Kp + k, Kp)
-                    acc1 = _tile_fma(acc1, _vload(wf, (r + 1) * Kp + k), xs, t0 * Kp + k, Kp)
-                sums0, sums1 = _tile_sums(acc0), _tile_sums(acc1)
-                for j in range(min(4, T - t0)):
-                    out[t0 + j, n0 + r] = sums0[j]
-                    if r + 1 < rows:
-                        out[t0 + j, n0 + r + 1] = sums1[j]
+    N = data.shape[0]
+    n_slabs = (N + F_ROWS - 1) // F_ROWS
+    for p in numba.prange(parts):
+        panel = np.empty((K, F_ROWS), np.float32)  # (K, 32) the slab, rows in lanes
+        for slab in range(p * n_slabs // parts, (p + 1) * n_slabs // parts):
+            n0 = slab * F_ROWS
+            for k in range(0, K - 15, 16):
+                _fpack(panel, k, data, n0)
+            for k in range(K - K % 16, K):
+                for r in range(F_ROWS):
+                    panel[k, r] = _scalar(data, min(n0 + r, N - 1) * K + k)
+            _float_slab(out, n0, min(F_ROWS, N - n0), panel, x)
 
 
 def _numba_arrays(op: str, w: QWeight, K: int):
@@ -1056,7 +1150,7 @@ def matmul_numba(out, x, w):
     if scales is not None:
         _matmul_int8_numba(out, x, data, scales, min(numba.get_num_threads(), _ceil_div(out.shape[1], Q_ROWS)))
     else:
-        _matmul_tiles_numba(out, x, data, scales)
+        _matmul_float_numba(out, x, data, min(numba.get_num_threads(), _ceil_div(out.shape[1], F_ROWS)))
 
 
 # Decode (T <= MATVEC_MAX_T): one block of 128 threads per 4 output rows and per token (blockIdx.y); each
