@@ -31,7 +31,9 @@ as ggml's Q8_0/Q4_0, so GGUF tensors carry over bit-exact and the bytes read per
 Tolerance policy (tests use TOLERANCE[op]): |out - ref| <= atol + rtol * |ref| elementwise. Kernels that
 reorder float32 sums get rtol ~1e-4; kernels that quantize activations to int8 (llama.cpp's trick for
 integer dot products) are compared against the reference on the same int8 activations
-(quantize_activations_ref).
+(quantize_activations_ref). On numba that is every q8_0/q4_0 matmul, decode and prefill alike. Numba's
+matmul is batch-invariant for every kind: row t of out is bit-identical whatever the other rows of x are
+and wherever row t sits (a request's output must not depend on what else the serving engine batches).
 
 How to add an op: write <op>_ref in numpy with its shape contract; write <op>_numba with the same
 signature; write _<OP>_SRC (one `extern "C" __global__ <op>_kernel`) and the <op>_cuda launcher; add the
@@ -352,8 +354,9 @@ def dequantize(w: QWeight) -> np.ndarray:
 # int64 and LLVM's auto-vectoriser reduces every 32-weight group horizontally. The one exception to portable
 # IR is the int8 dot product, which LLVM does not find on its own: on x86 it names the instructions
 # (vpdpbusd, or pmaddubsw + pmaddwd), 1.4-2x faster than widening to int16 and pmaddwd (q8_0 and q4_0
-# matvecs, 2 threads). Conventions: arrays are C-contiguous and indexed flat (a.flat[i]); f16 bits travel
-# as int16 and bf16 bits as uint16 (numba has no float16), so the element type says how to decode a value.
+# matvecs, 2 threads); _dot_isa chooses them once per CPU. Conventions: arrays are C-contiguous and
+# indexed flat (a.flat[i]); f16 bits travel as int16 and bf16 bits as uint16 (numba has no float16), so the
+# element type says how to decode a value.
 
 def _dot_isa() -> str:
     """The instructions of the int8 dot product (_ir_dot4): "vnni" (AVX-512 VNNI), "avx2", or "portable"
@@ -617,16 +620,28 @@ if numba is not None:
     # in one vector, which is 16 consecutive outputs (no horizontal sums). Stored rows are turned into that
     # layout by an in-register transpose of each 32-weight group.
 
+    def _ir_shape(context, builder, arrty, arr):
+        """The shape of array arr (numba type arrty) as a tuple of IR integers."""
+        return cgutils.unpack_tuple(builder, context.make_array(arrty)(context, builder, arr).shape, arrty.ndim)
+
+    def _ir_row(builder, n0, r, N):
+        """Row n0 + r, or the last row N - 1 past it (a slab's rows beyond the matrix repeat the last one)."""
+        n = builder.add(n0, ir.Constant(n0.type, r))
+        return builder.select(builder.icmp_signed("<", n, N), n, builder.sub(N, ir.Constant(N.type, 1)))
+
     def _ir_cat(builder, parts):
         """The concatenation of equal-length vectors."""
         while len(parts) > 1:
             n = parts[0].type.count
-            parts = [builder.shuffle_vector(a, b, _ir_consts(_I32, range(2 * n))) for a, b in zip(parts[::2], parts[1::2])]
+            parts = [builder.shuffle_vector(a, b, _ir_consts(_I32, range(2 * n)))
+                     for a, b in zip(parts[::2], parts[1::2])]
         return parts[0]
 
     def _ir_part(builder, v, c, lanes=16):
         """Lanes c*lanes .. (c+1)*lanes - 1 of vector v."""
-        return v if v.type.count == lanes else builder.shuffle_vector(v, v, _ir_consts(_I32, range(c * lanes, (c + 1) * lanes)))
+        if v.type.count == lanes:
+            return v
+        return builder.shuffle_vector(v, v, _ir_consts(_I32, range(c * lanes, (c + 1) * lanes)))
 
     def _ir_transpose(builder, v):
         """n vectors (n a power of 2) seen as n x n blocks in each run of n lanes -> the transposed blocks: lane
@@ -662,14 +677,13 @@ if numba is not None:
         weights 4j..4j+3 of row n0 + r in lane r, plus _weight_bias. q8_0 rows are 32 bytes: each pair of
         rows r, r+8 shares a vector, then 8 x 8 transposes; q4_0 rows are 16 bytes of nibbles (byte i: weight
         i low, i + 16 high): 4 x 4 transposes, then each vector gives two, one per nibble."""
-        N, row_bytes = cgutils.unpack_tuple(builder, context.make_array(arrty)(context, builder, data).shape, 2)
+        N, row_bytes = _ir_shape(context, builder, arrty, data)
         q4 = arrty.dtype == nbt.uint8
         group_bytes = Q_BLOCK // 2 if q4 else Q_BLOCK
         rows = []
         for r in range(Q_ROWS):
-            n = builder.add(n0, ir.Constant(n0.type, r))
-            n = builder.select(builder.icmp_signed("<", n, N), n, builder.sub(N, ir.Constant(N.type, 1)))
-            i = builder.add(builder.mul(n, row_bytes), builder.mul(g, ir.Constant(g.type, group_bytes)))
+            i = builder.add(builder.mul(_ir_row(builder, n0, r, N), row_bytes),
+                            builder.mul(g, ir.Constant(g.type, group_bytes)))
             rows.append(_ir_load(context, builder, arrty, data, i, ir.VectorType(_I32, group_bytes // 4), 1))
         n = group_bytes // 4  # vectors: vector r holds rows r, r + n, ...
         packed = [_ir_cat(builder, rows[r::n]) for r in range(n)]
@@ -723,14 +737,12 @@ if numba is not None:
         last repeat it)"""
         def codegen(context, builder, sig, args):
             wd, scales, n0, g0 = args
-            N, G = cgutils.unpack_tuple(builder, context.make_array(sig.args[1])(context, builder, scales).shape, 2)
+            N, G = _ir_shape(context, builder, sig.args[1], scales)
             f32x16 = ir.VectorType(_F32, 16)
             rows = []
             for r in range(Q_ROWS):
-                n = builder.add(n0, ir.Constant(n0.type, r))
-                n = builder.select(builder.icmp_signed("<", n, N), n, builder.sub(N, ir.Constant(N.type, 1)))
-                bits = _ir_load(context, builder, sig.args[1], scales, builder.add(builder.mul(n, G), g0),
-                                ir.VectorType(_I16, 16), 2)
+                i = builder.add(builder.mul(_ir_row(builder, n0, r, N), G), g0)
+                bits = _ir_load(context, builder, sig.args[1], scales, i, ir.VectorType(_I16, 16), 2)
                 rows.append(_ir_decode(builder, bits, nbt.int16))
             base = context.make_array(sig.args[0])(context, builder, wd).data
             for j, v in enumerate(_ir_transpose(builder, rows)):
@@ -759,8 +771,8 @@ if numba is not None:
             else:
                 w = _ir_weight_group(context, builder, sig.args[1], weights, n0, g)
             dw = _ir_load(context, builder, sig.args[3], wd, builder.mul(g, ir.Constant(g.type, Q_ROWS)), f32x16, 4)
-            K = cgutils.unpack_tuple(builder, context.make_array(sig.args[5])(context, builder, xq).shape, 2)[1]
-            G = cgutils.unpack_tuple(builder, context.make_array(sig.args[6])(context, builder, xd).shape, 2)[1]
+            K = _ir_shape(context, builder, sig.args[5], xq)[1]
+            G = _ir_shape(context, builder, sig.args[6], xd)[1]
             tokens = []
             for c in range(C):
                 t = builder.add(t0, ir.Constant(t0.type, c))
@@ -768,9 +780,11 @@ if numba is not None:
                 s = _ir_splat(builder, _ir_load(context, builder, sig.args[7], xc, tg, _I32, 4), Q_ROWS)
                 xi = builder.add(builder.mul(t, K), builder.mul(g, ir.Constant(g.type, Q_BLOCK)))
                 for j in range(8):
-                    x4 = _ir_load(context, builder, sig.args[5], xq, builder.add(xi, ir.Constant(g.type, 4 * j)), _I32, 1)
+                    x4 = _ir_load(context, builder, sig.args[5], xq, builder.add(xi, ir.Constant(xi.type, 4 * j)),
+                                  _I32, 1)
                     s = _ir_dot4(builder, s, w[j], builder.bitcast(_ir_splat(builder, x4, Q_ROWS), i8x64))
-                d = builder.fmul(dw, _ir_splat(builder, _ir_load(context, builder, sig.args[6], xd, tg, _F32, 4), Q_ROWS))
+                xd_c = _ir_load(context, builder, sig.args[6], xd, tg, _F32, 4)
+                d = builder.fmul(dw, _ir_splat(builder, xd_c, Q_ROWS))
                 tokens.append(_ir_call(builder, "llvm.fma.v16f32", f32x16, builder.sitofp(s, f32x16), d,
                                        _ir_part(builder, acc, c)))
             return _ir_cat(builder, tokens)
@@ -778,20 +792,19 @@ if numba is not None:
 
     @intrinsic
     def _fpack(typingctx, panel, k0, data, n0):
-        """panel[k0:k0+16] (16 columns x 32 rows, float32) = data[n0:n0+32, k0:k0+16].T decoded (f32, f16 or bf16
-        bits; rows past the last repeat it): a float slab with rows in lanes, as in the int8 matmul"""
+        """panel[k0:k0+16] (16 columns x 32 rows, float32) = data[n0:n0+32, k0:k0+16].T decoded (f32, f16 or
+        bf16 bits; rows past the last repeat it): a float slab with rows in lanes, as in the int8 matmul"""
         def codegen(context, builder, sig, args):
             panel, k0, data, n0 = args
-            N, K = cgutils.unpack_tuple(builder, context.make_array(sig.args[2])(context, builder, data).shape, 2)
+            N, K = _ir_shape(context, builder, sig.args[2], data)
             dtype = sig.args[2].dtype
             columns = [[] for _ in range(16)]  # column j: rows 0-15, then rows 16-31
             for half in range(F_ROWS // 16):
                 rows = []
                 for r in range(16 * half, 16 * half + 16):
-                    n = builder.add(n0, ir.Constant(n0.type, r))
-                    n = builder.select(builder.icmp_signed("<", n, N), n, builder.sub(N, ir.Constant(N.type, 1)))
-                    raw = _ir_load(context, builder, sig.args[2], data, builder.add(builder.mul(n, K), k0),
-                                   ir.VectorType(context.get_data_type(dtype), 16), dtype.bitwidth // 8)
+                    i = builder.add(builder.mul(_ir_row(builder, n0, r, N), K), k0)
+                    raw_ty = ir.VectorType(context.get_data_type(dtype), 16)
+                    raw = _ir_load(context, builder, sig.args[2], data, i, raw_ty, dtype.bitwidth // 8)
                     rows.append(_ir_decode(builder, raw, dtype))
                 for j, v in enumerate(_ir_transpose(builder, rows)):
                     columns[j].append(v)
@@ -814,7 +827,7 @@ if numba is not None:
         def codegen(context, builder, sig, args):
             acc, panel, k, x, t0, _ = args
             f32x16 = ir.VectorType(_F32, 16)
-            K = cgutils.unpack_tuple(builder, context.make_array(sig.args[3])(context, builder, x).shape, 2)[1]
+            K = _ir_shape(context, builder, sig.args[3], x)[1]
             parts = [_ir_part(builder, acc, i) for i in range(2 * C)]  # token c: rows 0-15, rows 16-31
             for step in range(n_steps):
                 j = builder.add(k, ir.Constant(k.type, step))
@@ -824,13 +837,14 @@ if numba is not None:
                     xi = builder.add(builder.mul(builder.add(t0, ir.Constant(t0.type, c)), K), j)
                     xj = _ir_splat(builder, _ir_load(context, builder, sig.args[3], x, xi, _F32, 4), 16)
                     for h in range(2):
-                        parts[2 * c + h] = _ir_call(builder, "llvm.fma.v16f32", f32x16, w[h], xj, parts[2 * c + h])
+                        parts[2 * c + h] = _ir_call(builder, "llvm.fma.v16f32", f32x16, w[h], xj,
+                                                    parts[2 * c + h])
             return _ir_cat(builder, parts)
         return acc(acc, panel, nbt.intp, x, nbt.intp, steps), codegen
 
     @intrinsic
     def _tile_store(typingctx, out, t0, n0, acc, cols):
-        """out[t0 + c, n0:n0 + cols] = acc[c] for each of the tile's tokens c (cols <= its rows: masked stores)"""
+        """out[t0 + c, n0:n0 + cols] = acc[c] for each of the tile's tokens c (cols <= its rows: masked)"""
         if not isinstance(acc, _Tile):
             return None
         C, parts = acc.tokens, acc.rows // 16
@@ -838,16 +852,18 @@ if numba is not None:
         def codegen(context, builder, sig, args):
             out, t0, n0, acc, cols = args
             arr = context.make_array(sig.args[0])(context, builder, out)
-            N = cgutils.unpack_tuple(builder, arr.shape, 2)[1]
+            N = _ir_shape(context, builder, sig.args[0], out)[1]
             f32x16 = ir.VectorType(_F32, 16)
             lanes = _ir_splat(builder, builder.trunc(cols, _I32), 16)
-            masks = [builder.icmp_signed("<", _ir_consts(_I32, range(16 * h, 16 * h + 16)), lanes) for h in range(parts)]
+            masks = [builder.icmp_signed("<", _ir_consts(_I32, range(16 * h, 16 * h + 16)), lanes)
+                     for h in range(parts)]
             for c in range(C):
                 row = builder.add(builder.mul(builder.add(t0, ir.Constant(t0.type, c)), N), n0)
                 for h in range(parts):
                     ptr = builder.gep(arr.data, [builder.add(row, ir.Constant(row.type, 16 * h))])
-                    _ir_call(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(), _ir_part(builder, acc, c * parts + h),
-                             builder.bitcast(ptr, f32x16.as_pointer()), ir.Constant(_I32, 4), masks[h])
+                    _ir_call(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                             _ir_part(builder, acc, c * parts + h), builder.bitcast(ptr, f32x16.as_pointer()),
+                             ir.Constant(_I32, 4), masks[h])
             return context.get_dummy_value()
         return nbt.none(out, nbt.intp, nbt.intp, acc, nbt.intp), codegen
 
@@ -1007,7 +1023,7 @@ Q_REPACK_MIN_T = 9  # int8 matmul: from this many tokens a slab is transposed on
 
 @_njit(fastmath=NUMBA_FASTMATH, inline="always")
 def _int8_tile(acc, out, t0, n0, cols, weights, wd, xq, xd, xc):
-    """out[t0:t0+C, n0:n0+cols] = the C tokens' products with the slab's rows: acc (zeros) advanced by every group"""
+    """out[t0:t0+C, n0:n0+cols] = the C tokens' products with the slab: acc (zeros) advanced by every group"""
     for g in range(wd.shape[0]):
         acc = _qdot(acc, weights, n0, wd, g, xq, xd, xc, t0)
     _tile_store(out, t0, n0, acc, cols)
