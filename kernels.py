@@ -666,6 +666,34 @@ if numba is not None:
         return 128 if DOT_ISA == "vnni" else 0
 
     @intrinsic
+    def _quantize_block(typingctx, x, i, xq, bias):
+        """xq.flat[i:i+32] = round(x / d) (half away from zero) for the 32 floats x.flat[i:i+32], d = amax / 127;
+        returns (d, -bias * the sum of the 32 integers). IEEE steps without fast-math flags: exactly
+        quantize_activations_ref's."""
+        def codegen(context, builder, sig, args):
+            x, i, xq, bias = args
+            f32x32, i32x32 = ir.VectorType(_F32, 32), ir.VectorType(_I32, 32)
+            v = _ir_load(context, builder, sig.args[0], x, i, f32x32, 4)
+            # |x| as integers orders like |x| as floats: an integer max is one instruction per step (no NaN rules)
+            magnitudes = builder.and_(builder.bitcast(v, i32x32), _ir_const(i32x32, 0x7FFFFFFF))
+            amax = builder.bitcast(_ir_call(builder, "llvm.vector.reduce.umax.v32i32", _I32, magnitudes), _F32)
+            d = builder.fdiv(amax, ir.Constant(_F32, 127.0))
+            zero = builder.fcmp_ordered("==", d, ir.Constant(_F32, 0.0))
+            inv_d = builder.select(zero, ir.Constant(_F32, 0.0), builder.fdiv(ir.Constant(_F32, 1.0), d))
+            scaled = builder.fmul(v, _ir_splat(builder, inv_d, 32))
+            magnitude = builder.fadd(_ir_call(builder, "llvm.fabs.v32f32", f32x32, scaled), _ir_const(f32x32, 0.5))
+            rounded = _ir_call(builder, "llvm.copysign.v32f32", f32x32,
+                               _ir_call(builder, "llvm.floor.v32f32", f32x32, magnitude), scaled)
+            q = builder.fptosi(rounded, i32x32)
+            base = context.make_array(sig.args[2])(context, builder, xq).data
+            q8 = builder.trunc(q, ir.VectorType(_I8, 32))
+            builder.store(q8, builder.bitcast(builder.gep(base, [i]), q8.type.as_pointer()), align=1)
+            total = _ir_call(builder, "llvm.vector.reduce.add.v32i32", _I32, q)
+            c = builder.mul(total, builder.neg(builder.trunc(bias, _I32)))
+            return context.make_tuple(builder, sig.return_type, [d, c])
+        return nbt.Tuple((nbt.float32, nbt.int32))(x, nbt.intp, xq, nbt.int64), codegen
+
+    @intrinsic
     def _bias_of(typingctx, data):
         """_weight_bias of data's kind, a constant"""
         def codegen(context, builder, sig, args):
@@ -1003,17 +1031,7 @@ def _quantize_activations_numba(x, bias):
     xc = np.empty((T, K // Q_BLOCK), np.int32)
     for t in range(T):
         for b in range(K // Q_BLOCK):
-            amax = np.float32(0)
-            for i in range(b * Q_BLOCK, (b + 1) * Q_BLOCK):
-                amax = max(amax, abs(x[t, i]))
-            d = amax / np.float32(127)
-            inv_d = np.float32(1) / d if d != 0 else np.float32(0)  # all-zero block: q = 0
-            total = 0
-            for i in range(b * Q_BLOCK, (b + 1) * Q_BLOCK):
-                v = x[t, i] * inv_d
-                xq[t, i] = np.int8(np.sign(v) * np.floor(np.abs(v) + np.float32(0.5)))
-                total += np.int32(xq[t, i])
-            xd[t, b], xc[t, b] = d, -bias * total
+            xd[t, b], xc[t, b] = _quantize_block(x, t * K + b * Q_BLOCK, xq, bias)
     return xq, xd, xc
 
 
