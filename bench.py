@@ -403,10 +403,8 @@ def fma_peak_gflops(threads: int) -> float:
     def chains(n, threads):
         total = np.float32(0)
         for p in numba.prange(threads):
-            a, b = _vsplat(np.float32(0.999)), _vsplat(np.float32(0.001))
-            c0, c1, c2, c3 = _vsplat(np.float32(p)), _vsplat(np.float32(1)), _vsplat(np.float32(2)), _vsplat(np.float32(3))
-            c4, c5, c6, c7 = _vsplat(np.float32(4)), _vsplat(np.float32(5)), _vsplat(np.float32(6)), _vsplat(np.float32(7))
-            c8, c9, c10, c11 = _vsplat(np.float32(8)), _vsplat(np.float32(9)), _vsplat(np.float32(10)), _vsplat(np.float32(11))
+            a, b, start = _vsplat(np.float32(0.999)), _vsplat(np.float32(0.001)), _vsplat(np.float32(p))
+            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = start
             for _ in range(n):
                 c0, c1, c2, c3 = fma(c0, a, b), fma(c1, a, b), fma(c2, a, b), fma(c3, a, b)
                 c4, c5, c6, c7 = fma(c4, a, b), fma(c5, a, b), fma(c6, a, b), fma(c7, a, b)
@@ -436,7 +434,8 @@ def matmul_report(kinds: list, threads: int) -> str:
         for model, shapes in MATMUL_SHAPES.items():
             for N, K in shapes:
                 seconds = [matmul_seconds(kind, N, K, T) for T in MATMUL_T]
-                cells = [f"{s * 1e6:.0f}" + ("" if T == 1 else f" ({s / seconds[0]:.1f}x)") for T, s in zip(MATMUL_T, seconds)]
+                cells = [f"{s * 1e6:.0f}" + ("" if T == 1 else f" ({s / seconds[0]:.1f}x)")
+                         for T, s in zip(MATMUL_T, seconds)]
                 rate = 2 * N * K * MATMUL_T[-1] / seconds[-1] / 1e9
                 share = "" if kind in ("q8_0", "q4_0") else f" ({100 * rate / peak:.0f}% of peak)"
                 lines.append(f"| {model} | {N} x {K} | " + " | ".join(cells) + f" | {rate:.0f}{share} |")

@@ -1075,11 +1075,9 @@ def _int8_slab(out, n0, cols, weights, wd, xq, xd, xc):
         _int8_tile(_tile_zeros(1, 16), out, t0, n0, cols, weights, wd, xq, xd, xc)
 
 
-# Layout: the weights stay as stored (ggml's blocks, memory-mapped) and each thread transposes a slab of 16 rows
-# on the fly; decode and batched decode in registers, prefill once into a buffer of 16 x K bytes. Why not
-# tinyBLAS's row-major 4 x 4 tiles: an fma per 32 products makes float work equal the int8 work, measured 2.4x
-# slower; why not rows interleaved in the file: the transpose costs 4% of prefill, and 14% of decode only where
-# the weights sit in the L3 cache (DRAM-bound decode pays nothing), against a new format for every backend.
+# Weight layout: as stored (memory-mapped ggml blocks, no repacked copy), each thread transposing 16-row slabs on
+# the fly, why: measured 2.5x llama.cpp's tinyBLAS prefill per core on the same blocks, the transpose 5% of a
+# 128-token matmul and decode at the old matvec's rate, where rows interleaved in the file would change every backend.
 @_njit(parallel=True, fastmath=EXACT_DIVISION, cache=True)
 def _matmul_int8_numba(out, x, data, scales, parts):
     """q8_0/q4_0 W (N, K) -> out (T, N) = x @ W.T with x rounded to int8 blocks, as llama.cpp does: per group
