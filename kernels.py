@@ -393,8 +393,8 @@ if numba is not None:
         def __init__(self, dmm, fe_type):
             super().__init__(dmm, fe_type, ir.VectorType(ir.FloatType(), fe_type.lanes))
 
-    _F32X16 = _Vec(16)  # one vector of floats; also the accumulators of 1 token x 16 weight rows (matmul)
-    _TILE = _Vec(64)  # 4 tokens x 16 lanes of accumulators (attention's tile; matmul's 4 tokens x 16 rows)
+    _F32X16 = _Vec(16)  # one vector of floats
+    _TILE = _Vec(64)  # 4 tokens x 16 lanes of accumulators (attention's tile)
     _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
     _DECODABLE = (nbt.float32, nbt.uint16, nbt.int16, nbt.int8, nbt.uint8)
 
