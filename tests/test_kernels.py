@@ -2,7 +2,8 @@
 not divide the kernels' blocks (16-row blocks, 4-token tiles, 16-lane vectors, 32-key softmax steps), every
 weight kind, all-zero quantization groups, positions at both ends of the cache, GQA ratios 1 and 3, and
 outputs poisoned with NaN so that an element a kernel forgets to write fails. Tolerances are
-kernels.TOLERANCE; the int8 decode matmul is held to matmul_ref on the same int8-rounded activations.
+kernels.TOLERANCE; the int8 matmul (q8_0/q4_0) is held to matmul_ref on the same int8-rounded activations,
+and every kind's matmul row t is bit-identical whatever else is in the batch (the serving engine's need).
 Also: the backend table without numba, and the whole model on numba against the numpy backend.
 """
 
@@ -56,7 +57,7 @@ def test_rmsnorm(rng, T, D):
 
 @needs_numba
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("T", [1, 3, 4, 9])
+@pytest.mark.parametrize("T", [1, 3, 4, 9, 23])
 @pytest.mark.parametrize("N", [1, 37, 70])
 def test_matmul(rng, kind, T, N):
     K = 96 if kind in kernels.QUANTIZED else 37  # quantized K is a multiple of 32; float K need not be of 16
@@ -65,13 +66,13 @@ def test_matmul(rng, kind, T, N):
     x[0, :32] = 0  # an all-zero activation block
     out = poisoned(T, N)
     kernels.matmul_numba(out, x, w)
-    seen = kernels.quantize_activations_ref(x) if kind in kernels.QUANTIZED and T == 1 else x
+    seen = kernels.quantize_activations_ref(x) if kind in kernels.QUANTIZED else x
     assert_close(out, kernels.matmul_ref(np.empty_like(out), seen, w), "matmul")
 
 
 @needs_numba
 @pytest.mark.parametrize("kind", kernels.QUANTIZED)
-@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("T", [1, 5, 12])
 def test_matmul_read_only_weights(rng, kind, T):
     """Model files are memory-mapped read-only (a separate numba specialisation)."""
     w = random_weight(rng, kind, 50, 256)
@@ -80,8 +81,7 @@ def test_matmul_read_only_weights(rng, kind, T):
     x = rng.standard_normal((T, 256)).astype(np.float32)
     out = poisoned(T, 50)
     kernels.matmul_numba(out, x, w)
-    seen = kernels.quantize_activations_ref(x) if T == 1 else x
-    assert_close(out, kernels.matmul_ref(np.empty_like(out), seen, w), "matmul")
+    assert_close(out, kernels.matmul_ref(np.empty_like(out), kernels.quantize_activations_ref(x), w), "matmul")
 
 
 @needs_numba
@@ -249,9 +249,9 @@ def test_quantize_activations_ref_is_the_numba_rounding(rng):
     x = rng.standard_normal((3, 4096)).astype(np.float32)
     x[0, :32] = 0  # an all-zero block
     x[1, :32] = np.arange(32) - 15.5  # amax 15.5: d = 15.5 / 127, values at .5 steps of the grid
-    xq, xd, xs = kernels._quantize_activations_numba(x)
+    xq, xd, xc = kernels._quantize_activations_numba(x, 8)
     np.testing.assert_array_equal(xq * np.repeat(xd, 32, axis=1), kernels.quantize_activations_ref(x))
-    np.testing.assert_allclose(xs, xd * xq.reshape(3, -1, 32).sum(-1, dtype=np.int32), rtol=1e-6)
+    np.testing.assert_array_equal(xc, -8 * xq.reshape(3, -1, 32).sum(-1, dtype=np.int32))
 
 
 @needs_numba
@@ -265,26 +265,78 @@ def test_self_check_passes(capsys):
 
 
 ISA_INSTRUCTION = {"vnni": "vpdpbusd", "avx2": "vpmaddubsw", "portable": None}
+RAGGED_T = (1, 2, 3, 5, 8, 13, 37, 130)  # every tile size (8, 4, 2, 1), in registers and repacked
+
+
+_FRESH = {}  # isa -> the int8 matmul compiled with it (compiling takes seconds: once per isa and kind)
+
+
+def int8_matmul_for(isa, monkeypatch):
+    """The int8 matmul compiled afresh with kernels.DOT_ISA = isa (uncached), as matmul_numba calls it."""
+    features = kernels.llvm_binding.get_host_cpu_features()
+    if isa == "vnni" and kernels.DOT_ISA != "vnni" or isa == "avx2" and not features.get("avx2"):
+        pytest.skip(f"this CPU cannot run the {isa} instructions")
+    monkeypatch.setattr(kernels, "DOT_ISA", isa)  # read while compiling, at each weight kind's first call
+    fresh = _FRESH.setdefault(isa, kernels.numba.njit(parallel=True, fastmath=kernels.EXACT_DIVISION)(
+        kernels._matmul_int8_numba.py_func))
+
+    def matmul(out, x, w):
+        fresh(out, x, w.data, w.scales.view(np.int16), 2)
+        return out
+    return fresh, matmul
 
 
 @needs_numba
 @pytest.mark.parametrize("isa", ISA_INSTRUCTION)
 @pytest.mark.parametrize("kind", kernels.QUANTIZED)
-def test_int8_matvec_each_instruction_set(rng, monkeypatch, isa, kind):
+def test_int8_matmul_each_instruction_set(rng, monkeypatch, isa, kind):
     """Each way of emitting the int8 dot (the one this CPU gets, and the ones it can run) gives the same
-    sums, through the instruction it names: the decode kernel compiled afresh with kernels.DOT_ISA set."""
-    features = kernels.llvm_binding.get_host_cpu_features()
-    if isa == "vnni" and kernels.DOT_ISA != "vnni" or isa == "avx2" and not features.get("avx2"):
-        pytest.skip(f"this CPU cannot run the {isa} instructions")
-    monkeypatch.setattr(kernels, "DOT_ISA", isa)
-    fresh = kernels.numba.njit(fastmath=kernels.NUMBA_FASTMATH)(kernels._matvec_int8_numba.py_func)  # uncached
+    results through the instruction it names, bit for bit: the group sums are exact integers."""
+    fresh, matmul = int8_matmul_for(isa, monkeypatch)
     w = random_weight(rng, kind, 37, 96)
-    x = rng.standard_normal((1, 96)).astype(np.float32)
-    out = poisoned(1, 37)
-    fresh(out, x, w.data.reshape(37, -1), w.scales.view(np.int16))
-    assert_close(out, kernels.matmul_ref(np.empty_like(out), kernels.quantize_activations_ref(x), w), "matmul")
+    x = rng.standard_normal((13, 96)).astype(np.float32)
+    x[2, 32:64] = 0  # an all-zero activation block
+    got = matmul(poisoned(13, 37), x, w)
+    assert_close(got, kernels.matmul_ref(np.empty_like(got), kernels.quantize_activations_ref(x), w), "matmul")
+    monkeypatch.undo()
+    usual = poisoned(13, 37)
+    kernels.matmul_numba(usual, x, w)
+    np.testing.assert_array_equal(got, usual)
     if ISA_INSTRUCTION[isa]:
         assert ISA_INSTRUCTION[isa] in "\n".join(fresh.inspect_asm().values())
+
+
+@needs_numba
+@pytest.mark.parametrize("isa", ISA_INSTRUCTION)
+@pytest.mark.parametrize("kind", kernels.QUANTIZED)
+def test_int8_matmul_is_batch_invariant(rng, monkeypatch, isa, kind):
+    """Row t of a T-token call equals, bit for bit, the same activations alone (T = 1, the decode path),
+    whatever T is and wherever the row sits: a request's output must not depend on its batch."""
+    _, matmul = int8_matmul_for(isa, monkeypatch)
+    w = random_weight(rng, kind, 40, 160)  # 3 slabs, the last one partial
+    x = rng.standard_normal((max(RAGGED_T), 160)).astype(np.float32) * rng.uniform(0.1, 10, (max(RAGGED_T), 1))
+    x = x.astype(np.float32)
+    alone = np.concatenate([matmul(poisoned(1, 40), x[t:t + 1], w) for t in range(len(x))])
+    for T in RAGGED_T:
+        for start in (0, len(x) - T):
+            np.testing.assert_array_equal(matmul(poisoned(T, 40), x[start:start + T], w), alone[start:start + T],
+                                          err_msg=f"{kind} {isa}: T = {T} from row {start}")
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", ("f32", "f16", "bf16"))
+def test_float_matmul_is_batch_invariant(rng, kind):
+    """The float kinds too: row t of any T-token call is the T = 1 call on that row, bit for bit."""
+    w = random_weight(rng, kind, 40, 45)
+    x = rng.standard_normal((max(RAGGED_T), 45)).astype(np.float32)
+    alone = poisoned(len(x), 40)
+    for t in range(len(x)):
+        kernels.matmul_numba(alone[t:t + 1], x[t:t + 1], w)
+    for T in RAGGED_T:
+        for start in (0, len(x) - T):
+            out = poisoned(T, 40)
+            kernels.matmul_numba(out, x[start:start + T], w)
+            np.testing.assert_array_equal(out, alone[start:start + T], err_msg=f"{kind}: T = {T} from row {start}")
 
 
 # -----------------------------------------------------------------------------
@@ -316,8 +368,12 @@ def test_backend_notice_is_silent_with_numba():
 
 @needs_numba
 @pytest.mark.parametrize("kind", KINDS)
-def test_model_logits_match_numpy_backend(tiny_files, kind):
-    """Prefill (all logits of 11 tokens in chunks of 8 and 3) then 3 decode steps, on both backends."""
+def test_model_logits_match_numpy_backend(tiny_files, monkeypatch, kind):
+    """Prefill (all logits of 11 tokens in chunks of 8 and 3) then 3 decode steps, on both backends; for
+    q8_0/q4_0 the numpy backend's matmul sees the activations rounded to int8 blocks, as numba's does."""
+    if kind in kernels.QUANTIZED:
+        exact = kernels.matmul_ref
+        monkeypatch.setattr(kernels, "matmul_ref", lambda out, x, w: exact(out, kernels.quantize_activations_ref(x), w))
     chunks = [[1, 5, 9, 200, 3, 3, 17, 255], [0, 42, 7], [4], [8], [15]]
     got, ref = [], []
     for backend, logits in (("numba", got), ("numpy", ref)):
@@ -328,7 +384,9 @@ def test_model_logits_match_numpy_backend(tiny_files, kind):
             positions, slots = np.arange(pos, pos + len(chunk)), np.zeros(len(chunk), np.int64)
             logits.append(llama31.forward(model, state, np.array(chunk), positions, slots, slice(None)).copy())
             pos += len(chunk)
+    # int8 activations jump where a value crosses a rounding boundary, and numba's float16 KV cache moves values
+    # across some: quantized kinds compare loosely (here 3-5% of the logits' spread; 6% against float32
+    # activations), float kinds to the cache's rounding
+    tol = 0.1 if kind in kernels.QUANTIZED else 1e-3
     for g, r in zip(got, ref):
-        # int8 activations in decode: compare loosely, scaled by the logits' spread
-        tol = 0.05 if kind in kernels.QUANTIZED else 1e-3
         assert np.max(np.abs(g - r)) <= tol * np.std(r), f"{kind}: max diff {np.max(np.abs(g - r)):.3g}"
