@@ -10,7 +10,8 @@ OpenAI error objects, chat rendering with Llama 3.1 tools, stop strings and tool
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health.
 Fields: messages / prompt, max_tokens (or max_completion_tokens), temperature, top_p, top_k, min_p,
 repetition_penalty, seed, stop (a string or a list of up to 16), stream, stream_options.include_usage,
-logprobs and top_logprobs (chat: bool + 0..20; completions: logprobs 0..20), tools and tool_choice.
+logprobs and top_logprobs (chat: bool + 0..20; completions: logprobs 0..20), tools and tool_choice, and
+llama.cpp's ignore_eos (only max_tokens or the context ends the answer: for benchmarks).
 Absent sampling fields take the CLI's values (temperature 0.6, top_p 0.9: Meta's generation defaults).
 A stop string never reaches the client: text that could be the start of one is held back until it is
 clear. Unknown fields are ignored, as OpenAI's own server ignores unknown fields; n > 1 is refused.
@@ -107,6 +108,7 @@ class Job:
     logprobs: int | None = None  # None: off; 0: the chosen token's; k: also the top k
     tool_names: list = field(default_factory=list)  # calls may name these; empty: no call is parsed
     prefill: str = ""  # the start of a forced tool call, written into the assistant turn
+    ignore_eos: bool = False  # only max_tokens or the context ends it (benchmarks; llama.cpp's field)
 
 
 def _get(body: dict, name: str, types, default=None, check=None, message: str = ""):
@@ -159,7 +161,7 @@ def parse_common(body: dict, defaults: dict) -> dict:
         raise _bad("stream_options", "only allowed with stream: true")
     include_usage = _get(options, "include_usage", (bool,), False)
     return dict(sampling=parse_sampling(body, defaults), max_tokens=max_tokens, stop=parse_stop(body),
-                stream=stream, include_usage=include_usage)
+                stream=stream, include_usage=include_usage, ignore_eos=_get(body, "ignore_eos", (bool,), False))
 
 
 def parse_chat_logprobs(body: dict) -> int | None:
@@ -566,8 +568,8 @@ class Service:
     def submit(self, job: Job):
         """Queue the job on the engine; QueueFull becomes a 503 with Retry-After."""
         try:
-            return self.engine.submit(job.prompt_ids, llama31.Sampler(**job.sampling),
-                                      max_tokens=job.max_tokens, logprobs=job.logprobs)
+            return self.engine.submit(job.prompt_ids, llama31.Sampler(**job.sampling), max_tokens=job.max_tokens,
+                                      stop_ids=set() if job.ignore_eos else None, logprobs=job.logprobs)
         except llama31.QueueFull:
             raise APIError(503, f"all {self.engine.parallel} slots are busy and the queue is full; retry later",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None

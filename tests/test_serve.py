@@ -209,7 +209,7 @@ DEFAULTS = dict(temperature=0.6, top_p=0.9, top_k=0, min_p=0.0, repetition_penal
     ({"max_tokens": 1.0}, "max_tokens"), ({"max_completion_tokens": -1}, "max_completion_tokens"),
     ({"n": 2}, "n"), ({"stop": 3}, "stop"), ({"stop": [""]}, "stop"), ({"stop": ["a"] * 17}, "stop"),
     ({"stream": "yes"}, "stream"), ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"ignore_eos": 1}, "ignore_eos"),
 ])
 def test_bad_fields_name_the_field(body, param):
     with pytest.raises(serve.APIError) as e:
@@ -220,7 +220,7 @@ def test_bad_fields_name_the_field(body, param):
 def test_fields_and_defaults():
     job = serve.parse_common({"temperature": 0, "max_tokens": 5, "stop": "x", "seed": 3, "stream": True,
                               "stream_options": {"include_usage": True}}, DEFAULTS)
-    assert job["sampling"] == dict(DEFAULTS, temperature=0.0, seed=3)
+    assert job["sampling"] == dict(DEFAULTS, temperature=0.0, seed=3) and not job["ignore_eos"]
     assert (job["max_tokens"], job["stop"], job["stream"], job["include_usage"]) == (5, ["x"], True, True)
     assert serve.parse_common({"max_completion_tokens": 7}, DEFAULTS)["max_tokens"] == 7
     assert serve.parse_chat_logprobs({"logprobs": True, "top_logprobs": 20}) == 20
@@ -581,7 +581,7 @@ def test_missing_and_oversize_body(smol):
 def test_disconnect_mid_stream_frees_the_slot(smol):
     host, port = smol.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "1, 2, 3, 4, 5,", "temperature": 0, "max_tokens": SMOL_CTX - 20,
-                       "stream": True}).encode()
+                       "ignore_eos": True, "stream": True}).encode()
     with socket.create_connection((host, int(port)), timeout=30) as s:
         s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -627,3 +627,106 @@ def test_cli_serves(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# -----------------------------------------------------------------------------
+# Tool round trip
+# A tiny Llama 3.1-shaped model with the real Llama 3 tokenizer whose weights spell out one tool call after
+# the assistant header: its attention and FFN outputs are zero, so each token's logits depend on that token
+# alone (a bigram model), and its embedding and classifier chain the call's tokens. Random weights elsewhere.
+
+SONGS_ARGS = {"n": "10", "genre": "all"}
+# the call the model writes; JSON allows whitespace between tokens, and this spacing lets the call be spelled
+# with no token twice (found by a small search over spacings), so that every token has one successor
+SONGS_CALL_TEXT = '{"name" :"trending_songs","parameters":{"n":  "10","genre"\n:\n"all"}}'
+
+
+def distinct_tokens(tok, text: str, avoid: set) -> list:
+    """Token ids spelling text, no id twice and none in avoid (so each token has one successor)."""
+    ids = {tok.token_bytes(i): i for i in range(128000)}
+    data = text.encode()
+
+    def spell(at, used):
+        if at == len(data):
+            return []
+        for n in range(min(len(data) - at, 32), 0, -1):
+            t = ids.get(data[at:at + n])
+            if t is not None and t not in used and t not in avoid:
+                rest = spell(at + n, used | {t})
+                if rest is not None:
+                    return [t] + rest
+        return None
+
+    return spell(0, frozenset())
+
+
+@pytest.fixture(scope="module")
+def tool_model(tmp_path_factory, llama3_path, llama3):
+    import io
+    import shutil
+
+    import convert_weights
+    from make_random_checkpoint import build_meta_checkpoint, random_weights
+
+    header_end = llama3.encode("\n\n", bos=False)[0]  # the assistant header's last token
+    spelled = distinct_tokens(llama3, SONGS_CALL_TEXT, {header_end})
+    chain = [header_end] + spelled + [llama3.special_tokens["<|eot_id|>"]]
+    cfg = llama31.Config(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=128256, hidden_dim=128)
+    assert len(chain) <= cfg.dim
+    w = random_weights(cfg, seed=0)
+    w["layers.0.attention.wo.weight"][:] = 0  # no attention output: the residual stream is the embedding
+    w["layers.0.feed_forward.w2.weight"][:] = 0  # no FFN output either
+    w["output.weight"] *= 0.01
+    for i, (token, successor) in enumerate(zip(chain, chain[1:])):
+        w["tok_embeddings.weight"][token] = 0
+        w["tok_embeddings.weight"][token, i] = 1  # token -> direction i ...
+        w["output.weight"][successor, i] = 10  # ... -> a large logit for the token after it
+    folder = tmp_path_factory.mktemp("tool-model")
+    build_meta_checkpoint(folder, cfg, weights=w)
+    shutil.copy(llama3_path, folder / "tokenizer.model")
+    out = str(folder / "tool-model.f32.bin")
+    convert_weights.convert(str(folder), out, quant="f32", progress=io.StringIO())
+    return llama31.load(out, ctx=512)
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_model):
+    server, thread, url = start(tool_model, parallel=2, model_id="tiny-llama31", date_string="21 September 2024")
+    yield url
+    server.close()
+    thread.join(timeout=10)
+
+
+def test_tool_round_trip(tool_server, chat_format):
+    api = client(tool_server)
+    messages = TOOL_ROUND_TRIP[:2]
+    first = api.chat.completions.create(model="tiny-llama31", messages=messages, tools=[SONGS_TOOL],
+                                        temperature=0, max_tokens=64)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "trending_songs" and json.loads(call.function.arguments) == SONGS_ARGS
+    assert first.usage.prompt_tokens == len(meta_tool_dialog_ids(chat_format, messages[1:]))
+    # the client runs the tool and sends the call and its result back: Llama 3.1's eom and ipython turns
+    followup = messages + [choice.message.model_dump(exclude_none=True),
+                           {"role": "tool", "tool_call_id": call.id, "content": '["Song A", "Song B"]'}]
+    second = api.chat.completions.create(model="tiny-llama31", messages=followup, tools=[SONGS_TOOL],
+                                         temperature=0, max_tokens=64)
+    conversation = messages[1:] + [{"role": "assistant", "content": None,
+                                    "tool_calls": [dict(SONGS_CALL, id=call.id)]}, followup[-1]]
+    assert second.usage.prompt_tokens == len(meta_tool_dialog_ids(chat_format, conversation))
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens  # the shared prefix
+    assert second.choices[0].finish_reason == "tool_calls"  # (this model can only call)
+    # streamed: the call arrives whole in one chunk, then the finish reason
+    chunks = list(api.chat.completions.create(model="tiny-llama31", messages=messages, tools=[SONGS_TOOL],
+                                              temperature=0, max_tokens=64, stream=True))
+    (streamed_call,) = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices[0].delta.tool_calls]
+    assert streamed_call.function.name == "trending_songs"
+    assert json.loads(streamed_call.function.arguments) == SONGS_ARGS
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks)
+    # tool_choice none: the same text is content
+    plain = api.chat.completions.create(model="tiny-llama31", messages=messages, tools=[SONGS_TOOL],
+                                        tool_choice="none", temperature=0, max_tokens=64).choices[0]
+    assert plain.finish_reason == "stop" and not plain.message.tool_calls
+    assert plain.message.content == SONGS_CALL_TEXT
