@@ -135,7 +135,7 @@ def parse_sampling(body: dict, defaults: dict) -> dict:
         min_p=float(_get(body, "min_p", num, defaults["min_p"], lambda v: 0 <= v < 1, "must be in [0, 1)")),
         repetition_penalty=float(_get(body, "repetition_penalty", num, defaults["repetition_penalty"],
                                       lambda v: v > 0, "must be > 0")),
-        seed=_get(body, "seed", (int,)),
+        seed=_get(body, "seed", (int,), None, lambda v: v >= 0, "must be >= 0"),
     )
 
 
@@ -168,7 +168,7 @@ def parse_chat_logprobs(body: dict) -> int | None:
     on = _get(body, "logprobs", (bool,), False)
     top = _get(body, "top_logprobs", (int,), None, lambda v: 0 <= v <= MAX_TOP_LOGPROBS,
                f"must be in [0, {MAX_TOP_LOGPROBS}]")
-    if top is not None and not on:
+    if top and not on:
         raise _bad("top_logprobs", "needs logprobs: true")
     return (top or 0) if on else None
 
@@ -269,7 +269,8 @@ def tools_to_meta(tools) -> list:
             raise _bad(f"tools[{k}]", "expected {\"type\": \"function\", \"function\": {\"name\": "
                                       "letters, digits, _ or -, \"description\", \"parameters\"}}")
         schema = function.get("parameters") or {}
-        properties, required = schema.get("properties") or {}, schema.get("required") or []
+        properties = (schema.get("properties") or {}) if isinstance(schema, dict) else None
+        required = (schema.get("required") or []) if isinstance(schema, dict) else None
         if not isinstance(properties, dict) or not isinstance(required, list):
             raise _bad(f"tools[{k}].function.parameters", "expected a JSON schema object with properties")
         params = {p: {"param_type": str(s.get("type", "string")) if isinstance(s, dict) else "string",
@@ -285,16 +286,15 @@ def tools_to_meta(tools) -> list:
 def pick_tools(body: dict, tools: list) -> tuple[list, str]:
     """(names a call may use, text that starts the assistant turn) for tool_choice."""
     names = [t["tool_name"] for t in tools]
-    choice = body.get("tool_choice", "auto" if tools else "none")
-    if choice == "none":
-        return [], ""
+    choice = body.get("tool_choice", "auto")
+    if choice in ("none", "auto"):
+        return (names if choice == "auto" else []), ""
     if not tools:
         raise _bad("tool_choice", "needs tools")
-    if choice == "auto":
-        return names, ""
     if choice == "required":
         return names, (_call_start(names[0]) if len(names) == 1 else '{"name": "')
-    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if name not in names:
         raise _bad("tool_choice", f"expected none, auto, required or {{\"type\": \"function\", \"function\": "
                                   f"{{\"name\": one of {names}}}}}")
@@ -751,7 +751,7 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
 
     def _generate(self, service: Service, kind: str, body):
@@ -767,14 +767,23 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")
             self.end_headers()
-            for chunk in service.stream_chunks(job, request, self._client_alive):
-                self.wfile.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")
-                self.wfile.flush()
+            try:
+                for chunk in service.stream_chunks(job, request, self._client_alive):
+                    self._send_event(chunk)
+            except (OSError, ClientGone):
+                raise
+            except Exception as e:  # after the headers an error can only be an event (vLLM's framing)
+                self.log_error("internal error on %s: %r", self.path, e)
+                self._send_event(APIError(500, f"internal error: {e!r}", type="server_error").body())
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         finally:
             if request.finish_reason is None:  # the write failed: the client went away
                 request.cancel()
+
+    def _send_event(self, data: dict):
+        self.wfile.write(b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n")
+        self.wfile.flush()
 
     def _client_alive(self) -> bool:
         """False once the client has closed its end (readable with nothing to read)."""

@@ -299,6 +299,19 @@ def test_tool_choice(llama3):
             serve.render_chat(llama3, dict(body, tool_choice=bad), "x")
 
 
+@pytest.mark.parametrize("tools, choice, param", [
+    ("f", "auto", "tools"), ([{"type": "function", "function": {"name": "f", "parameters": [1]}}], "auto",
+                             "tools[0].function.parameters"),
+    ([{"type": "function", "function": {"name": "a b"}}], "auto", "tools[0]"),
+    ([SONGS_TOOL, SONGS_TOOL], "auto", "tools"), ([SONGS_TOOL], {"function": "f"}, "tool_choice"),
+    ([], "required", "tool_choice"),
+])
+def test_bad_tools(llama3, tools, choice, param):
+    with pytest.raises(serve.APIError) as e:
+        serve.render_chat(llama3, {"messages": TOOL_ROUND_TRIP[:2], "tools": tools, "tool_choice": choice}, "x")
+    assert e.value.status == 400 and e.value.param == param
+
+
 @pytest.mark.parametrize("messages, param", [
     ([], "messages"), ("hi", "messages"), ([{"role": "robot", "content": "x"}], "messages[0].role"),
     ([{"role": "user", "content": 3}], "messages[0].content"),
@@ -526,6 +539,7 @@ def test_bad_requests_get_400_404_405(smol):
     hello = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     assert error_of(http(smol, "POST", CHAT, raw=b'{"messages": ['))[0] == 400
     assert error_of(http(smol, "POST", CHAT, raw=b"\xff\xfe"))[0] == 400
+    assert error_of(http(smol, "POST", CHAT, raw=b"[" * 100_000))[0] == 400  # nesting past Python's recursion
     assert error_of(http(smol, "POST", CHAT, body=[1, 2]))[0] == 400
     assert error_of(http(smol, "POST", CHAT, body=dict(hello, max_tokens="3")))[1]["param"] == "max_tokens"
     assert error_of(http(smol, "POST", CHAT, body=dict(hello, messages="hi")))[1]["param"] == "messages"
