@@ -884,12 +884,13 @@ def finished_ids(path: str) -> set:
     return ids
 
 
-def run_batch(service: Service, in_path: str, out_path: str, workers: int, progress=sys.stderr) -> int:
-    """Run every request of in_path not yet in out_path; returns how many ran."""
+def run_batch(service: Service, in_path: str, out_path: str, workers: int, progress=None) -> int:
+    """Run every request of in_path not yet in out_path (progress on `progress`, default stderr);
+    returns how many ran."""
     requests = read_requests(in_path)
     done = finished_ids(out_path)
     todo = [r for r in requests if r[0] not in done]
-    bar = _Progress(len(todo), len(requests) - len(todo), progress)
+    bar = _Progress(len(todo), len(requests) - len(todo), progress or sys.stderr)
 
     def one(kind, body):
         try:

