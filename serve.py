@@ -43,6 +43,7 @@ the ids already in the output file.
 import ast
 import json
 import os
+import queue
 import select
 import socket
 import sys
@@ -67,6 +68,7 @@ MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS = 20
 RETRY_AFTER_SECONDS = 1  # told to clients that find the queue full
 SOCKET_TIMEOUT_SECONDS = 60  # a client that stalls this long mid-request is dropped
+POLL_SECONDS = 0.25  # while a request waits for a slot or its prefill, its client is checked this often
 PYTHON_TAG = "<|python_tag|>"
 
 
@@ -582,7 +584,7 @@ class Service:
         out = OutputText(self.tok, job.stop, hold_calls=bool(job.tool_names), prefill=job.prefill)
         steps = 0
         try:
-            for step in request.steps():
+            for step in _steps(request, alive):
                 steps += 1
                 text = out.push(step)
                 logprobs = out.new_logprobs(len(out.sent))
@@ -595,11 +597,10 @@ class Service:
         finally:
             if request.finish_reason is None:  # stop string, client gone or an error: free the slot now
                 request.cancel()
-        text = out.finish()
-        content, calls = parse_tool_calls(out.held, job.tool_names) if out.holding else ("", [])
-        if out.holding and not calls:
-            content = out.held
-        text += content if content.strip() or not calls else ""
+        text, calls = out.finish(), []
+        if out.holding:  # a call may have started: the held text is a call, or content after all
+            rest, calls = parse_tool_calls(out.held, job.tool_names)
+            text += rest if rest.strip() or not calls else ""
         yield text, out.new_logprobs(len(out.sent) + len(out.held))
         finish = "tool_calls" if calls else "length" if request.finish_reason == "length" and not out.stopped \
             else "stop"
@@ -680,6 +681,17 @@ class Service:
 
     def _text(self, token: int) -> str:
         return self._piece(token).decode("utf-8", errors="replace")
+
+
+def _steps(request, alive):
+    """request.steps(), checking alive() also while no step comes (queued, or a long prefill)."""
+    while True:
+        try:
+            yield from request.steps(timeout=POLL_SECONDS)
+            return
+        except queue.Empty:
+            if not alive():
+                raise ClientGone() from None
 
 
 def _token_entry(piece: bytes) -> dict:

@@ -382,12 +382,17 @@ def smol_model():
 
 
 @pytest.fixture(scope="module")
-def smol(smol_model):
-    """SmolLM2-135M-Instruct behind a server with 2 slots and a queue of 2."""
+def smol_server(smol_model):
+    """SmolLM2-135M-Instruct behind a server with 2 slots and a queue of 2: (server, url)."""
     server, thread, url = start(smol_model, parallel=2, max_queue=2, model_id="smollm2")
-    yield url
+    yield server, url
     server.close()
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def smol(smol_server):
+    return smol_server[1]
 
 
 def client(url):
@@ -407,7 +412,7 @@ def http(url, method, path, body=None, raw=None, headers=None):
     return result
 
 
-def wait_idle(url, seconds=10.0):
+def wait_idle(url, seconds=60.0):
     """Poll /health until no slot is busy and nothing waits; the health body of the last poll."""
     deadline = time.monotonic() + seconds
     while True:
@@ -592,7 +597,16 @@ def test_missing_and_oversize_body(smol):
     assert_still_serving(smol)
 
 
-def test_disconnect_mid_stream_frees_the_slot(smol):
+def test_disconnect_mid_stream_frees_the_slot(smol_server, monkeypatch):
+    server, smol = smol_server
+    engine, submitted = server.service.engine, []
+
+    def submit(*args, **kwargs):  # keep the engine's request to see how it ended
+        submitted.append(engine_submit(*args, **kwargs))
+        return submitted[-1]
+
+    engine_submit = engine.submit
+    monkeypatch.setattr(engine, "submit", submit)
     host, port = smol.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "1, 2, 3, 4, 5,", "temperature": 0, "max_tokens": SMOL_CTX - 20,
                        "ignore_eos": True, "stream": True}).encode()
@@ -603,8 +617,11 @@ def test_disconnect_mid_stream_frees_the_slot(smol):
             while not reader.readline().startswith(b"data: {"):  # the first chunk: the request is running
                 pass
         assert json.loads(http(smol, "GET", "/health")[2])["slots_busy"] >= 1
-    # a thousand tokens take seconds; the cancelled request gives its slot back within a step or two
-    assert wait_idle(smol, seconds=2.0)["slots_busy"] == 0
+    # the server notices at the next step, cancels, and the engine frees the slot at its next step
+    assert wait_idle(smol, seconds=120)["slots_busy"] == 0
+    (request,) = submitted
+    assert request.finish_reason == "cancelled" and request.completion_tokens < SMOL_CTX - 20
+    monkeypatch.undo()
     assert_still_serving(smol)
 
 
