@@ -143,7 +143,7 @@ def decode_bytes(model, ctx: int) -> tuple[int, int]:
 
 
 def fill_cache(state):
-    for cache in (state.key_cache, state.value_cache):
+    for cache in (state.key_cache.data, state.value_cache.data):
         for l in range(cache.shape[0]):
             cache[l] = cupy.random.standard_normal(cache.shape[1:], dtype=np.float32)
 
@@ -153,12 +153,13 @@ def decode_rate(model, ctx: int, args) -> tuple[float, str]:
     state = llama31.build_run_state(model.config, ctx, 1, zeros=cupy.zeros)
     fill_cache(state)
     start_pos = ctx - args.steps - 1
-    run = kernels.CudaGraphStep(lambda token, pos: llama31.forward(model, state, token, pos))
+    run = kernels.CudaGraphStep(
+        lambda tokens, positions, slots: llama31.forward(model, state, tokens, positions, slots, slice(0, 1)))
 
     def steps():
         token = 1
         for i in range(args.steps):
-            logits = run(token, start_pos + i)
+            logits = run([token], [start_pos + i], [0])
             token = kernels.sample_argmax_cuda(logits[-1])  # the id comes back, as in generation
 
     steps()  # warm-up: compiles, captures the graph
@@ -177,7 +178,7 @@ def prefill_rate(model, args) -> tuple[float, float]:
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=P)
 
     def prefill():
-        llama31.forward(model, state, tokens, 0)
+        llama31.forward(model, state, tokens, np.arange(P), np.zeros(P, np.int64), slice(P - 1, None))
 
     ms = median_ms(prefill, args.rounds)
     matrix_params = sum(int(np.prod(getattr(model.weights, n).shape)) for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))

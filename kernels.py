@@ -147,10 +147,6 @@ __device__ float block_sum(float v, float* shared) {
     __syncthreads();  // the caller may reuse shared
     return v;
 }
-
-// the position of token 0 of this call: from device memory when a captured CUDA graph is replayed
-// (the same graph serves every position), else the value passed at launch
-__device__ __forceinline__ int read_pos(const int* pos_dev, int pos_arg) { return pos_dev ? *pos_dev : pos_arg; }
 """
 
 CUDA_KIND = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}  # the KIND_* numbers of _CUDA_PREAMBLE
@@ -242,20 +238,19 @@ def _check_weight(op: str, w) -> tuple[str, int, int]:
     return kind, N, K
 
 
-def _pos_args(op: str, pos, T: int, S: int):
-    """The (pos_dev, pos_arg) kernel arguments for pos: a Python int, or a 1-element int32 cupy array.
-
-    A device pos is what lets one captured CUDA graph run at every position; its range is not checked here
-    (reading it would synchronise), so the caller keeps it within the cache.
-    """
-    if isinstance(pos, cupy.ndarray):
-        if pos.dtype != np.int32 or pos.size != 1:
-            raise ValueError(f"{op}: a device pos must be a 1-element int32 cupy array, got {pos.dtype} {pos.shape}")
-        return pos, np.int32(0)
-    pos = int(pos)
-    if not 0 <= pos <= S - T:
-        raise ValueError(f"{op}: positions {pos}..{pos + T - 1} do not fit the cache of {S} positions")
-    return None, np.int32(pos)
+def _device_ids(op: str, name: str, ids, T: int, limit: int):
+    """Per-row integers (token ids, positions, slots) as the int32 (T,) cupy array the kernels read: host ids
+    are checked to lie in 0..limit-1 and copied over; an int32 (T,) cupy array passes as it is, unchecked
+    (reading it would synchronise), which is what lets a captured CUDA graph take new ids at every replay."""
+    if isinstance(ids, cupy.ndarray):
+        if ids.dtype != np.int32 or ids.shape != (T,):
+            raise ValueError(f"{op}: device {name} must be an int32 cupy array of shape ({T},), "
+                             f"got {ids.dtype} {ids.shape}")
+        return ids
+    host = np.asarray(ids)
+    if host.shape != (T,) or host.dtype.kind not in "iu" or (T and (host.min() < 0 or host.max() >= limit)):
+        raise ValueError(f"{op}: {name} must be {T} integers in 0..{limit - 1}, got {host!r:.80}")
+    return cupy.asarray(host.astype(np.int32))
 
 
 # -----------------------------------------------------------------------------
@@ -639,6 +634,13 @@ if numba is not None:
                 sums = builder.insert_value(sums, builder.extract_element(v, ir.Constant(_I32, k)), k)
             return sums
         return nbt.UniTuple(nbt.float32, 4)(_TILE), codegen
+
+    @intrinsic
+    def _f16_bits(typingctx, x):
+        """float32 x rounded to float16 (nearest even), as its bits in an int16 (numba has no float16)"""
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
+        return nbt.int16(nbt.float32), codegen
 
     @intrinsic
     def _pow2(typingctx, n):
@@ -1184,18 +1186,10 @@ def embed_cuda(out, w, tokens):
     """tokens (T,) -> out (T, D) = W[tokens], dequantized; tokens on the host, or int32 on the GPU"""
     _check_f32("embed", out=out)
     kind, V, D = _check_weight("embed", w)
-    if isinstance(tokens, cupy.ndarray):  # already on the GPU (a replayed CUDA graph): not range-checked
-        if tokens.dtype != np.int32 or tokens.ndim != 1:
-            raise ValueError(f"embed: device tokens must be a 1-D int32 cupy array, got {tokens.dtype} {tokens.shape}")
-        device_tokens = tokens
-    else:
-        host = np.asarray(tokens)
-        if host.ndim != 1 or (host.size and (host.dtype.kind not in "iu" or host.min() < 0 or host.max() >= V)):
-            raise ValueError(f"embed: tokens must be a 1-D array of ids in 0..{V - 1}, got {host!r:.80}")
-        device_tokens = cupy.asarray(host.astype(np.int32))
-    T = device_tokens.shape[0]
-    if out.shape != (T, D):
-        raise ValueError(f"embed: out must be ({T}, {D}), got {out.shape}")
+    T = out.shape[0]
+    if out.ndim != 2 or out.shape[1] != D:
+        raise ValueError(f"embed: out must be (T, {D}), got {out.shape}")
+    device_tokens = _device_ids("embed", "tokens", tokens, T, V)
     if T:
         fn = _CUDA.kernel(_EMBED_SRC, "embed_kernel")
         fn((T,), (256,), (out, np.int32(CUDA_KIND[kind]), w.data, w.scales, device_tokens, np.int32(D)))
@@ -1208,11 +1202,10 @@ def embed_cuda(out, w, tokens):
 # head: Meta's complex-number view in model.py (HF's rotate-half layout is undone by the converter).
 
 
-def rope_ref(x, pos, cos, sin):
-    """In place: x (T, n_heads, Dh) at positions pos..pos+T-1; cos, sin (S, Dh//2)"""
-    T = x.shape[0]
-    c = cos[pos:pos + T, None, :]  # (T, 1, Dh//2)
-    s = sin[pos:pos + T, None, :]
+def rope_ref(x, positions, cos, sin):
+    """In place: x (T, n_heads, Dh), row t at position positions[t]; cos, sin (S, Dh//2)"""
+    c = cos[positions][:, None, :]  # (T, 1, Dh//2)
+    s = sin[positions][:, None, :]
     x0, x1 = x[..., 0::2].copy(), x[..., 1::2].copy()  # (T, n_heads, Dh//2)
     x[..., 0::2] = x0 * c - x1 * s
     x[..., 1::2] = x0 * s + x1 * c
@@ -1220,28 +1213,29 @@ def rope_ref(x, pos, cos, sin):
 
 
 @_njit(fastmath=NUMBA_FASTMATH, cache=True)
-def rope_numba(x, pos, cos, sin):
-    """In place: x (T, n_heads, Dh) at positions pos..pos+T-1; cos, sin (S, Dh//2); one thread"""
+def rope_numba(x, positions, cos, sin):
+    """In place: x (T, n_heads, Dh), row t at position positions[t]; cos, sin (S, Dh//2); one thread"""
     T, n_heads, Dh = x.shape
-    if pos < 0 or pos + T > cos.shape[0]:
-        raise ValueError("rope_numba: positions pos..pos+T-1 are outside the cos/sin tables")
     for t in range(T):
+        pos = positions[t]
+        if pos < 0 or pos >= cos.shape[0]:
+            raise ValueError("rope_numba: a position is outside the cos/sin tables")
         for h in range(n_heads):
             for i in range(Dh // 2):
-                c, s = cos[pos + t, i], sin[pos + t, i]
+                c, s = cos[pos, i], sin[pos, i]
                 x0, x1 = x[t, h, 2 * i], x[t, h, 2 * i + 1]
                 x[t, h, 2 * i] = x0 * c - x1 * s
                 x[t, h, 2 * i + 1] = x0 * s + x1 * c
 
 
-# one thread per (token, head, pair): the pair (x[2i], x[2i+1]) is rotated by the angle at position pos + t
+# one thread per (token, head, pair): the pair (x[2i], x[2i+1]) of row t is rotated by the angle at positions[t]
 _ROPE_SRC = r"""
-extern "C" __global__ void rope_kernel(float* x, const float* cos, const float* sin, const int* pos_dev,
-                                       int pos_arg, int T, int n_heads, int half) {
+extern "C" __global__ void rope_kernel(float* x, const float* cos, const float* sin, const int* positions,
+                                       int T, int n_heads, int half) {
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // pair number in x
     if (idx >= (long long)T * n_heads * half) return;
     const int i = idx % half, t = idx / ((long long)n_heads * half);
-    const size_t row = (size_t)(read_pos(pos_dev, pos_arg) + t) * half;
+    const size_t row = (size_t)positions[t] * half;
     const float c = cos[row + i], s = sin[row + i];
     float2* p = (float2*)x + idx;
     const float2 v = *p;
@@ -1250,8 +1244,9 @@ extern "C" __global__ void rope_kernel(float* x, const float* cos, const float* 
 """
 
 
-def rope_cuda(x, pos, cos, sin):
-    """In place: x (T, n_heads, Dh) at positions pos..pos+T-1 (int, or int32 (1,) on the GPU); cos, sin (S, Dh//2)"""
+def rope_cuda(x, positions, cos, sin):
+    """In place: x (T, n_heads, Dh), row t at position positions[t] (host ids, or int32 (T,) on the GPU);
+    cos, sin (S, Dh//2)"""
     _check_f32("rope", x=x, cos=cos, sin=sin)
     if x.ndim != 3 or x.shape[2] % 2:
         raise ValueError(f"rope: x must be (T, n_heads, Dh) with Dh even, got {x.shape}")
@@ -1260,11 +1255,11 @@ def rope_cuda(x, pos, cos, sin):
         raise ValueError(f"rope: cos and sin must be (S, {Dh // 2}), got {cos.shape} and {sin.shape}")
     if x.data.ptr % 8:
         raise ValueError("rope: x must start at an 8-byte boundary (pairs are read as float2)")
-    pos_dev, pos_arg = _pos_args("rope", pos, T, cos.shape[0])
+    positions = _device_ids("rope", "positions", positions, T, cos.shape[0])
     n = T * n_heads * (Dh // 2)
     if n:
         fn = _CUDA.kernel(_ROPE_SRC, "rope_kernel")
-        fn((_ceil_div(n, 256),), (256,), (x, cos, sin, pos_dev, pos_arg, np.int32(T), np.int32(n_heads),
+        fn((_ceil_div(n, 256),), (256,), (x, cos, sin, positions, np.int32(T), np.int32(n_heads),
                                           np.int32(Dh // 2)))
     return x
 
@@ -1273,63 +1268,132 @@ def rope_cuda(x, pos, cos, sin):
 # attention
 # Causal grouped-query attention over the KV cache, arxiv.org/abs/2305.13245: query head h reads
 # key/value head h // (H // KV). Writing k, v into the cache happens here so one call does the whole step.
+# A call takes rows of several sequences at once (llama.cpp's llama_batch): row t is the token at position
+# positions[t] of the sequence whose keys and values live in cache slot slots[t]. The caches are QWeights
+# (n_slots, S, KV, Dh) of kind f32, f16 or q8_0 (groups of 32 along Dh, one f16 scale: llama.cpp's
+# --cache-type q8_0); each row stores its k, v, then attends to its slot's rows 0..positions[t], so the rows
+# of one sequence in a call see each other causally and the keys of earlier calls.
 
 
-def attention_ref(out, q, k, v, k_cache, v_cache, pos):
-    """q (T, H, Dh), k, v (T, KV, Dh) at positions pos..pos+T-1; caches (S, KV, Dh) -> out (T, H*Dh)"""
+def _cache_store_ref(cache: QWeight, rows, slots, positions):
+    """cache (n_slots, S, KV, Dh) at [slots[t], positions[t]] = rows[t] (T, KV, Dh), rounded to the cache's kind"""
+    stored = quantize(rows, cache.kind)
+    cache.data[slots, positions] = stored.data
+    if cache.scales is not None:
+        cache.scales[slots, positions] = stored.scales
+
+
+def attention_ref(out, q, k, v, k_cache, v_cache, slots, positions):
+    """q (T, H, Dh), k, v (T, KV, Dh) of the rows at (slots[t], positions[t]); caches QWeight (n_slots, S, KV, Dh)
+    -> out (T, H*Dh): row t attends to rows 0..positions[t] of its slot"""
     T, H, Dh = q.shape
     KV = k.shape[1]
-    k_cache[pos:pos + T] = k
-    v_cache[pos:pos + T] = v
-    keys, values = k_cache[:pos + T], v_cache[:pos + T]  # (P, KV, Dh), P = pos + T
-    qg = q.reshape(T, KV, H // KV, Dh)  # (T, KV, n_rep, Dh)
-    scores = np.einsum("tgrd,pgd->grtp", qg, keys) / np.float32(np.sqrt(Dh))  # (KV, n_rep, T, P)
-    future = np.arange(pos + T)[None, :] > (pos + np.arange(T))[:, None]  # (T, P) causal mask
-    scores[..., future] = -np.inf
-    # subtract the row max before exp so that large scores cannot overflow
-    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    weights /= weights.sum(axis=-1, keepdims=True)
-    out[:] = np.einsum("grtp,pgd->tgrd", weights, values).reshape(T, H * Dh)
+    _cache_store_ref(k_cache, k, slots, positions)
+    _cache_store_ref(v_cache, v, slots, positions)
+    for slot in np.unique(slots):
+        rows = np.flatnonzero(slots == slot)  # this sequence's rows of the call
+        P = positions[rows].max() + 1
+        keys = dequantize(QWeight(k_cache.data[slot, :P], None if k_cache.scales is None else k_cache.scales[slot, :P]))
+        values = dequantize(QWeight(v_cache.data[slot, :P], None if v_cache.scales is None else v_cache.scales[slot, :P]))
+        qg = q[rows].reshape(len(rows), KV, H // KV, Dh)  # (R, KV, n_rep, Dh)
+        scores = np.einsum("tgrd,pgd->grtp", qg, keys) / np.float32(np.sqrt(Dh))  # (KV, n_rep, R, P)
+        scores[..., np.arange(P)[None, :] > positions[rows][:, None]] = -np.inf  # causal mask (R, P)
+        # subtract the row max before exp so that large scores cannot overflow
+        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        out[rows] = np.einsum("grtp,pgd->tgrd", weights, values).reshape(len(rows), H * Dh)
     return out
 
 
 ATTENTION_BLOCK = 32  # numba attention: keys per step of the online softmax
-ATTENTION_TILE = 4  # numba attention: tokens whose queries share a task (prefill), so each key serves them all
-ATTENTION_TASKS = 8  # numba attention: the keys are split until there are this many tasks (decode)
-ATTENTION_MIN_SPLIT = 32  # numba attention: fewest keys worth a split of their own
+ATTENTION_TILE = 4  # numba attention: consecutive rows of one sequence whose queries share a task (prefill)
+# numba attention: a row's keys are cut at fixed multiples of this many keys (flash-decoding's split), each
+# part's softmax kept apart and merged at the end. Fixed cuts make a row's result depend on its own position
+# only, never on the other rows of the call: greedy output does not change with the batch (and a 550-key
+# decode still makes 5 tasks per KV head for the threads).
+ATTENTION_SPLIT = 128
 
 
-def attention_numba(out, q, k, v, k_cache, v_cache, pos):
-    """q (T, H, Dh), k, v (T, KV, Dh) at positions pos..pos+T-1; caches (S, KV, Dh) float32 or float16 (the
-    numba backend's: half the bytes to read per token, as llama.cpp's default) -> out (T, H*Dh)"""
-    if pos < 0 or pos + q.shape[0] > k_cache.shape[0]:
-        raise ValueError(f"attention_numba: positions {pos}..{pos + q.shape[0] - 1} are outside the cache "
-                         f"of {k_cache.shape[0]}")
+def attention_numba(out, q, k, v, k_cache, v_cache, slots, positions):
+    """q (T, H, Dh), k, v (T, KV, Dh) of the rows at (slots[t], positions[t]); caches QWeight (n_slots, S, KV, Dh)
+    f32, f16 or q8_0 -> out (T, H*Dh): row t attends to rows 0..positions[t] of its slot"""
+    n_slots, S = k_cache.data.shape[:2]
+    slots, positions = np.asarray(slots, np.int64), np.asarray(positions, np.int64)
+    if len(slots) and (slots.min() < 0 or slots.max() >= n_slots or positions.min() < 0 or positions.max() >= S):
+        raise ValueError(f"attention_numba: rows at slots {slots.min()}..{slots.max()}, positions "
+                         f"{positions.min()}..{positions.max()} fall outside the cache of {n_slots} x {S}")
     if q.shape[2] % 16:  # the kernel works in whole 16-float vectors; Llama heads are 64 or 128 wide
-        attention_ref(out, q, k, v, k_cache, v_cache, pos)
-    elif k_cache.dtype == np.float16:  # numba has no float16: the kernel takes the bits
-        _attention_numba(out, q, k, v, k_cache.view(np.int16), v_cache.view(np.int16), pos)
-    else:
-        _attention_numba(out, q, k, v, k_cache, v_cache, pos)
+        attention_ref(out, q, k, v, k_cache, v_cache, slots, positions)
+        return
+    if not len(slots):
+        return
+    (kd, ks), (vd, vs) = _numba_cache_arrays(k_cache), _numba_cache_arrays(v_cache)
+    for data, scales, rows in ((kd, ks, k), (vd, vs, v)):
+        if scales is None:
+            _cache_store_numba(data, rows, slots, positions)
+        else:
+            _cache_store_q8_0_numba(data, scales, rows, slots, positions)
+    _attention_numba(out, q, kd, ks, vd, vs, slots, positions)
+
+
+def _numba_cache_arrays(cache: QWeight):
+    """(data, scales) of a cache as the numba kernels take them: f16 values and f16 scales as int16 bits"""
+    data = cache.data.view(np.int16) if cache.data.dtype == np.float16 else cache.data
+    return data, None if cache.scales is None else cache.scales.view(np.int16)
+
+
+@_njit(cache=True)
+def _cache_store_numba(data, rows, slots, positions):
+    """data (n_slots, S, KV, Dh) float32, or f16 bits (rounded to nearest even), at [slots[t], positions[t]]
+    = rows[t] (T, KV, Dh)"""
+    S, row = data.shape[1], data.shape[2] * data.shape[3]
+    for t in range(rows.shape[0]):
+        dst = (slots[t] * S + positions[t]) * row
+        for c in range(0, row, 16):
+            _vstore(data, dst + c, _vload(rows, t * row + c))
+
+
+@_njit(fastmath=EXACT_DIVISION, cache=True)
+def _cache_store_q8_0_numba(data, scales, rows, slots, positions):
+    """data (n_slots, S, KV, Dh) int8 with f16 scales per 32 at [slots[t], positions[t]] = rows[t] (T, KV, Dh):
+    ggml's quantize_row_q8_0, dividing exactly as quantize() does"""
+    S, row = data.shape[1], data.shape[2] * data.shape[3]
+    for t in range(rows.shape[0]):
+        dst = (slots[t] * S + positions[t]) * row
+        for b in range(row // Q_BLOCK):
+            amax = np.float32(0)
+            for i in range(b * Q_BLOCK, (b + 1) * Q_BLOCK):
+                amax = max(amax, abs(rows.flat[t * row + i]))
+            d = amax / np.float32(127)
+            inv_d = np.float32(1) / d if d != 0 else np.float32(0)  # all-zero group: q = 0
+            for i in range(b * Q_BLOCK, (b + 1) * Q_BLOCK):
+                x = rows.flat[t * row + i] * inv_d
+                data.flat[dst + i] = np.int8(np.sign(x) * np.floor(np.abs(x) + np.float32(0.5)))
+            scales.flat[dst // Q_BLOCK + b] = _f16_bits(d)
 
 
 @_njit(fastmath=NUMBA_FASTMATH, inline="always")
-def _attention_rows(acc, m, l, qs, k_cache, v_cache, kvo, row, p_lo, p_hi, last):
+def _attention_rows(acc, m, l, qs, kd, ks, vd, vs, base, stride, p_lo, p_hi, last):
     """Online softmax (arxiv.org/abs/1805.02867) of query rows qs (R, Dh), already scaled by 1/sqrt(Dh), over
-    cache keys p_lo..p_hi-1; row r reads the head at offset kvo[r] of each cache row and sees keys up to
-    last[r] (causal). Updates its running max m (R,), sum l (R,) of exp(score - m) and unnormalised output
-    acc (R, Dh). Keys go 32 a step: the step's keys and values are copied out of the cache once, as float32
-    (an f16 cache is read at half the bytes and converted once, not once per query head), and every row
-    takes them while they are in L1."""
+    the keys p_lo..p_hi-1 of one KV head, whose key p starts at data.flat[base + p * stride]; row r sees keys
+    up to last[r] (causal). Updates its running max m (R,), sum l (R,) of exp(score - m) and unnormalised
+    output acc (R, Dh). Keys go 32 a step: the step's keys and values are copied out of the cache once, as
+    float32 (an f16 or q8_0 cache is read at its own size and converted once, not once per query head), and
+    every row takes them while they are in L1."""
     R, Dh = qs.shape
     e = np.empty(ATTENTION_BLOCK, np.float32)  # a row's scores of the step, then exp(score - max), 0 past nv
-    k_step = np.empty((ATTENTION_BLOCK, row), np.float32)  # the step's cache rows
-    v_step = np.empty((ATTENTION_BLOCK, row), np.float32)
+    k_step = np.empty((ATTENTION_BLOCK, Dh), np.float32)  # the step's keys and values
+    v_step = np.empty((ATTENTION_BLOCK, Dh), np.float32)
     for p0 in range(p_lo, p_hi, ATTENTION_BLOCK):
         for j in range(min(ATTENTION_BLOCK, p_hi - p0)):
-            for c in range(0, row, 16):
-                _vstore(k_step, j * row + c, _vload(k_cache, (p0 + j) * row + c))
-                _vstore(v_step, j * row + c, _vload(v_cache, (p0 + j) * row + c))
+            src = base + (p0 + j) * stride
+            for c in range(0, Dh, 16):
+                kv, vv = _vload(kd, src + c), _vload(vd, src + c)
+                if ks is not None:  # q8_0: one scale per 32 values
+                    kv = _vscale(kv, _scalar(ks, (src + c) // Q_BLOCK))
+                    vv = _vscale(vv, _scalar(vs, (src + c) // Q_BLOCK))
+                _vstore(k_step, j * Dh + c, kv)
+                _vstore(v_step, j * Dh + c, vv)
         for r in range(R):
             nv = min(ATTENTION_BLOCK, p_hi - p0, last[r] + 1 - p0)  # keys of the step that row r sees
             if nv <= 0:
@@ -1338,14 +1402,14 @@ def _attention_rows(acc, m, l, qs, k_cache, v_cache, kvo, row, p_lo, p_hi, last)
             for j in range(0, nv - 3, 4):  # scores of four keys at a time: four fma chains, one folded sum
                 acc4 = _tile_zero()
                 for c in range(0, Dh, 16):
-                    acc4 = _tile_fma(acc4, _vload(qs, r * Dh + c), k_step, j * row + kvo[r] + c, row)
+                    acc4 = _tile_fma(acc4, _vload(qs, r * Dh + c), k_step, j * Dh + c, Dh)
                 s = _tile_sums(acc4)
                 e[j], e[j + 1], e[j + 2], e[j + 3] = s[0], s[1], s[2], s[3]
                 m_new = max(m_new, max(max(s[0], s[1]), max(s[2], s[3])))
             for j in range(nv - nv % 4, nv):
                 acc1 = _vzero()
                 for c in range(0, Dh, 16):
-                    acc1 = _vfma(acc1, _vload(qs, r * Dh + c), _vload(k_step, j * row + kvo[r] + c))
+                    acc1 = _vfma(acc1, _vload(qs, r * Dh + c), _vload(k_step, j * Dh + c))
                 e[j] = _vsum(acc1)
                 m_new = max(m_new, e[j])
             rescale = _exp_numba(m[r] - m_new)
@@ -1358,126 +1422,145 @@ def _attention_rows(acc, m, l, qs, k_cache, v_cache, kvo, row, p_lo, p_hi, last)
                 ao = r * Dh + c
                 o0, o1 = _vscale(_vload(acc, ao), rescale), _vscale(_vload(acc, ao + 16), rescale)
                 o2, o3 = _vscale(_vload(acc, ao + 32), rescale), _vscale(_vload(acc, ao + 48), rescale)
-                vo = kvo[r] + c  # the value of the step's first key
                 for j in range(nv):
                     w = _vsplat(_scalar(e, j))
+                    vo = j * Dh + c
                     o0, o1 = _vfma(o0, _vload(v_step, vo), w), _vfma(o1, _vload(v_step, vo + 16), w)
                     o2, o3 = _vfma(o2, _vload(v_step, vo + 32), w), _vfma(o3, _vload(v_step, vo + 48), w)
-                    vo += row
                 _vstore(acc, ao, o0)
                 _vstore(acc, ao + 16, o1)
                 _vstore(acc, ao + 32, o2)
                 _vstore(acc, ao + 48, o3)
             for c in range(Dh - Dh % 64, Dh, 16):  # what is left of a head that is not a multiple of 64 wide
                 o0, o1, o2, o3 = _vscale(_vload(acc, r * Dh + c), rescale), _vzero(), _vzero(), _vzero()
-                vo = kvo[r] + c  # the value of the step's first key
                 for j in range(0, nv - 3, 4):
-                    o0 = _vfma(o0, _vload(v_step, vo + j * row), _vsplat(_scalar(e, j)))
-                    o1 = _vfma(o1, _vload(v_step, vo + (j + 1) * row), _vsplat(_scalar(e, j + 1)))
-                    o2 = _vfma(o2, _vload(v_step, vo + (j + 2) * row), _vsplat(_scalar(e, j + 2)))
-                    o3 = _vfma(o3, _vload(v_step, vo + (j + 3) * row), _vsplat(_scalar(e, j + 3)))
+                    o0 = _vfma(o0, _vload(v_step, j * Dh + c), _vsplat(_scalar(e, j)))
+                    o1 = _vfma(o1, _vload(v_step, (j + 1) * Dh + c), _vsplat(_scalar(e, j + 1)))
+                    o2 = _vfma(o2, _vload(v_step, (j + 2) * Dh + c), _vsplat(_scalar(e, j + 2)))
+                    o3 = _vfma(o3, _vload(v_step, (j + 3) * Dh + c), _vsplat(_scalar(e, j + 3)))
                 for j in range(nv - nv % 4, nv):
-                    o0 = _vfma(o0, _vload(v_step, vo + j * row), _vsplat(_scalar(e, j)))
+                    o0 = _vfma(o0, _vload(v_step, j * Dh + c), _vsplat(_scalar(e, j)))
                 _vstore(acc, r * Dh + c, _vadd(_vadd(o0, o1), _vadd(o2, o3)))
 
 
+@_njit(cache=True)
+def _attention_tasks(slots, positions):
+    """The tasks of a call, before the KV head: tiles are runs of up to ATTENTION_TILE consecutive rows of one
+    sequence at consecutive positions, cut into ATTENTION_SPLIT parts of their keys. Returns starts
+    (n_tiles + 1,) of the tiles' rows, and per task its tile and split (n_tasks,), plus per tile the index of
+    its first kept part, or -1 when it has one split and writes out directly. Tiles are dealt first, last,
+    second, second-to-last... so that the threads' contiguous shares of the tasks hold equal causal work."""
+    T = slots.shape[0]
+    starts = [0]
+    for t in range(1, T):
+        if slots[t] != slots[t - 1] or positions[t] != positions[t - 1] + 1 or t - starts[-1] == ATTENTION_TILE:
+            starts.append(t)
+    starts.append(T)
+    n_tiles = len(starts) - 1
+    n_split = np.empty(n_tiles, np.int64)
+    first_part = np.full(n_tiles, -1, np.int64)
+    n_parts = 0
+    for i in range(n_tiles):
+        n_split[i] = positions[starts[i + 1] - 1] // ATTENTION_SPLIT + 1  # splits of the tile's last row
+        if n_split[i] > 1:
+            first_part[i] = n_parts
+            n_parts += n_split[i]
+    task_tile = np.empty(n_split.sum(), np.int64)
+    task_split = np.empty_like(task_tile)
+    n = 0
+    for d in range(n_tiles):
+        i = d // 2 if d % 2 == 0 else n_tiles - 1 - d // 2
+        for s in range(n_split[i]):
+            task_tile[n], task_split[n] = i, s
+            n += 1
+    return np.array(starts), task_tile, task_split, first_part, n_parts
+
+
 @_njit(parallel=True, fastmath=NUMBA_FASTMATH, cache=True)
-def _attention_numba(out, q, k, v, k_cache, v_cache, pos):
-    """attention_numba for Dh % 16 == 0. A task is (tile of ATTENTION_TILE tokens, split of the keys) and its
-    rows are the tile's (token, head) queries, ordered by key/value head: the n_rep rows of a group (GQA)
-    take each step of keys and values in turn while it is in L1, so the cache is read once per task, and a
-    task streams whole cache rows. Decode has one tile (2 threads on the 9 heads of SmolLM2 would otherwise
-    share 9 tasks unevenly), so the keys are split (flash-decoding) until there are ATTENTION_TASKS tasks:
-    equal shares for 1, 2, 4 or 8 threads, chosen without get_num_threads, which would stop numba caching
-    the kernel. Each split keeps its own max, sum and unnormalised output, merged at the end. Tiles are
-    dealt first, last, second, second-to-last... so that the threads' contiguous shares of the tasks hold
-    equal causal work (prefill)."""
+def _attention_numba(out, q, kd, ks, vd, vs, slots, positions):
+    """attention_numba for Dh % 16 == 0, once k and v are in the cache. A task is (tile, split, KV head): the
+    tile's (token, query head) rows of one KV head's group (GQA: the n_rep heads take each step of keys in
+    turn while it is in L1) over one ATTENTION_SPLIT of the keys. A tile with one split writes out directly;
+    with more, each split's max, sum and unnormalised output are kept and merged in split order."""
     T, H, Dh = q.shape
-    KV = k.shape[1]
-    n_rep, row = H // KV, KV * Dh  # query heads per key/value head; values per cache position
-    for t in range(T):  # the new keys and values into the cache (rounded to f16 in an f16 cache)
-        for c in range(0, row, 16):
-            _vstore(k_cache, (pos + t) * row + c, _vload(k, t * row + c))
-            _vstore(v_cache, (pos + t) * row + c, _vload(v, t * row + c))
+    S, KV = kd.shape[1], kd.shape[2]
+    n_rep, stride = H // KV, KV * Dh  # query heads per KV head; cache values per position
     scale = np.float32(1) / np.sqrt(np.float32(Dh))
-    n_tiles = (T + ATTENTION_TILE - 1) // ATTENTION_TILE
-    n_split = max(1, min((ATTENTION_TASKS + n_tiles - 1) // n_tiles, (pos + T) // ATTENTION_MIN_SPLIT))
-    n_tasks = n_tiles * n_split
-    R = min(T, ATTENTION_TILE) * H  # rows of a task (fewer in a last partial tile)
-    # the splits' partial results, merged below (without splits, tasks write out directly)
-    part_m = np.empty((n_tasks if n_split > 1 else 0, R), np.float32)  # (tasks, R)
-    part_l = np.empty_like(part_m)  # (tasks, R)
-    part_acc = np.empty((part_m.shape[0], R, Dh), np.float32)  # (tasks, R, Dh)
-    for task in numba.prange(n_tasks):
-        slot, split = task // n_split, task % n_split
-        tile = slot // 2 if slot % 2 == 0 else n_tiles - 1 - slot // 2
-        t0 = tile * ATTENTION_TILE
-        nt = min(ATTENTION_TILE, T - t0)  # tokens of this tile
-        keys = pos + t0 + nt  # the tile sees keys 0..keys-1; a split takes an equal share
-        size = (keys + n_split - 1) // n_split
-        qs, last, kvo, qo = _attention_task_rows(q, nt, t0, n_rep, pos, scale)
-        m = np.full(nt * H, -np.inf, np.float32)
-        l = np.zeros(nt * H, np.float32)
-        acc = np.zeros((nt * H, Dh), np.float32)
-        _attention_rows(acc, m, l, qs, k_cache, v_cache, kvo, row, split * size, min(keys, split * size + size),
-                        last)
-        if n_split == 1:
-            for r in range(nt * H):
+    starts, task_tile, task_split, first_part, n_parts = _attention_tasks(slots, positions)
+    R = ATTENTION_TILE * n_rep  # rows of a task at most
+    part_m = np.empty((n_parts, KV, R), np.float32)
+    part_l = np.empty((n_parts, KV, R), np.float32)
+    part_acc = np.empty((n_parts, KV, R, Dh), np.float32)
+    for task_g in numba.prange(task_tile.shape[0] * KV):
+        task, g = task_g // KV, task_g % KV
+        tile, s = task_tile[task], task_split[task]
+        t0, nt = starts[tile], starts[tile + 1] - starts[tile]
+        qs = np.empty((nt * n_rep, Dh), np.float32)
+        last = np.empty(nt * n_rep, np.int64)
+        for r in range(nt * n_rep):  # rows (token, query head of the group)
+            t, h = t0 + r // n_rep, g * n_rep + r % n_rep
+            last[r] = positions[t]
+            for c in range(0, Dh, 16):
+                _vstore(qs, r * Dh + c, _vscale(_vload(q, (t * H + h) * Dh + c), scale))
+        m = np.full(nt * n_rep, -np.inf, np.float32)
+        l = np.zeros(nt * n_rep, np.float32)
+        acc = np.zeros((nt * n_rep, Dh), np.float32)
+        p_lo = s * ATTENTION_SPLIT
+        p_hi = min(positions[t0 + nt - 1] + 1, p_lo + ATTENTION_SPLIT)
+        _attention_rows(acc, m, l, qs, kd, ks, vd, vs, (slots[t0] * S * KV + g) * Dh, stride, p_lo, p_hi, last)
+        if first_part[tile] < 0:
+            for r in range(nt * n_rep):
                 inv_l = np.float32(1) / l[r]
+                oo = ((t0 + r // n_rep) * H + g * n_rep + r % n_rep) * Dh
                 for c in range(0, Dh, 16):
-                    _vstore(out, qo[r] + c, _vscale(_vload(acc, r * Dh + c), inv_l))
+                    _vstore(out, oo + c, _vscale(_vload(acc, r * Dh + c), inv_l))
         else:
-            part_m[task, :nt * H], part_l[task, :nt * H], part_acc[task, :nt * H] = m, l, acc
-    for task in range(0, part_m.shape[0], n_split):  # merge the splits of each tile: serial, small
-        slot = task // n_split
-        tile = slot // 2 if slot % 2 == 0 else n_tiles - 1 - slot // 2
-        nt = min(ATTENTION_TILE, T - tile * ATTENTION_TILE)
-        _, _, _, qo = _attention_task_rows(q, nt, tile * ATTENTION_TILE, n_rep, pos, scale)
-        for r in range(nt * H):
-            m_all = np.float32(-np.inf)
-            for s in range(n_split):
-                m_all = max(m_all, part_m[task + s, r])
-            l_all = np.float32(0)
-            for c in range(0, Dh, 16):
-                _vstore(out, qo[r] + c, _vzero())
-            for s in range(n_split):
-                w = _exp_numba(part_m[task + s, r] - m_all)
-                l_all += w * part_l[task + s, r]
-                for c in range(0, Dh, 16):
-                    _vstore(out, qo[r] + c, _vfma(_vload(out, qo[r] + c), _vload(part_acc[task + s], r * Dh + c),
-                                                  _vsplat(w)))
-            inv_l = np.float32(1) / l_all
-            for c in range(0, Dh, 16):
-                _vstore(out, qo[r] + c, _vscale(_vload(out, qo[r] + c), inv_l))
+            part = first_part[tile] + s
+            part_m[part, g, :nt * n_rep], part_l[part, g, :nt * n_rep] = m, l
+            part_acc[part, g, :nt * n_rep] = acc
+    for tile_g in numba.prange((starts.shape[0] - 1) * KV):  # merge the splits, in split order
+        tile, g = tile_g // KV, tile_g % KV
+        if first_part[tile] >= 0:
+            t0, nt = starts[tile], starts[tile + 1] - starts[tile]
+            n_split = positions[t0 + nt - 1] // ATTENTION_SPLIT + 1
+            _attention_merge(out, part_m, part_l, part_acc, first_part[tile], n_split, g, t0, nt, n_rep)
 
 
 @_njit(fastmath=NUMBA_FASTMATH, inline="always")
-def _attention_task_rows(q, nt, t0, n_rep, pos, scale):
-    """The rows of a task over tokens t0..t0+nt-1, ordered (key/value head, token, query head of the group):
-    queries qs (R, Dh) times scale, the last key each sees (R,), the offsets (R,) of its key/value head in a
-    cache row and of its query in q (and its output in out)."""
-    _, H, Dh = q.shape
-    R = nt * H
-    qs = np.empty((R, Dh), np.float32)
-    last, kvo, qo = np.empty(R, np.int64), np.empty(R, np.int64), np.empty(R, np.int64)
-    for r in range(R):
-        g, tt, i = r // (nt * n_rep), r % (nt * n_rep) // n_rep, r % n_rep
-        qo[r] = ((t0 + tt) * H + g * n_rep + i) * Dh
-        kvo[r] = g * Dh
-        last[r] = pos + t0 + tt
+def _attention_merge(out, part_m, part_l, part_acc, first, n_split, g, t0, nt, n_rep):
+    """out of the tile's rows of KV head g = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s,
+    over its splits first..first+n_split-1 in order (a split that saw no key of a row has m = -inf: skipped;
+    with one real split this is acc / l to the bit, as a tile of one split writes it)"""
+    H, Dh = out.shape[1] // part_acc.shape[3], part_acc.shape[3]
+    for r in range(nt * n_rep):
+        oo = ((t0 + r // n_rep) * H + g * n_rep + r % n_rep) * Dh
+        m_all = np.float32(-np.inf)
+        for s in range(first, first + n_split):
+            m_all = max(m_all, part_m[s, g, r])
+        l_all = np.float32(0)
+        o = np.zeros(Dh, np.float32)
+        for s in range(first, first + n_split):
+            if part_m[s, g, r] == -np.inf:
+                continue
+            w = _exp_numba(part_m[s, g, r] - m_all)
+            l_all += w * part_l[s, g, r]
+            for c in range(0, Dh, 16):
+                _vstore(o, c, _vfma(_vload(o, c), _vload(part_acc[s, g], r * Dh + c), _vsplat(w)))
+        inv_l = np.float32(1) / l_all
         for c in range(0, Dh, 16):
-            _vstore(qs, r * Dh + c, _vscale(_vload(q, qo[r] + c), scale))
-    return qs, last, kvo, qo
+            _vstore(out, oo + c, _vscale(_vload(o, c), inv_l))
 
 
 # Flash attention on CUDA cores, one kernel for decode and prefill (arxiv.org/abs/2205.14135, and
-# flash-decoding's split over the keys for long contexts). A block takes ATT_ROWS = 16 query rows, the
-# (position, head) pairs of one KV head (GQA: the n_rep heads of a group read each key once), and one
-# split of the keys (gridDim.z splits, sized from pos at run time so that one captured graph serves every
-# position). Per tile of 32 keys it stages K and V in shared memory; lane j scores key j for each of
-# its warp's 4 rows, then an online softmax (running max m, sum l) rescales the accumulator, each lane
-# owning head dims lane, lane + 32, ... With one split the block writes the output; with several it
-# writes (acc, m, l) partials that attention_combine_kernel merges.
+# flash-decoding's split over the keys for long contexts). A block takes one tile: up to 16 // n_rep
+# consecutive rows of one sequence at consecutive positions (a tile starts at every row index that is a
+# multiple of that, and wherever the sequence or position run breaks, so each block finds its tile from the
+# slots and positions alone and a captured graph serves every batch of its shape), the (row, head) pairs of
+# one KV head (GQA: the n_rep heads of a group read each key once), and one split of the keys (gridDim.z
+# splits, sized from the cache length when positions live on the GPU). Per tile of 32 keys it stages K and V
+# in shared memory; lane j scores key j for each of its warp's 4 rows, then an online softmax (running max
+# m, sum l) rescales the accumulator, each lane owning head dims lane, lane + 32, ... With one split the
+# block writes the output; with several it writes (acc, m, l) partials that attention_combine_kernel merges.
 _ATTENTION_SRC = r"""
 #define ATT_DMAX 128                    // largest head_dim supported (Llama 3: 128)
 #define ATT_BK 32                       // keys per tile: one per lane when scoring
@@ -1486,41 +1569,51 @@ _ATTENTION_SRC = r"""
 #define ATT_ROWS (ATT_WARPS * ATT_RPW)  // query rows per block
 #define ATT_KSTRIDE (ATT_DMAX + 4)      // padded K row: the lanes' float4 reads of 8 rows hit distinct banks
 
-// the new keys and values (T, KV, Dh) go to cache rows pos..pos+T-1: a contiguous copy of n floats each
+// the new keys and values (T, KV, Dh): row t goes to cache row (slots[t], positions[t]), row_len floats each
 extern "C" __global__ void attention_store_kernel(float* k_cache, float* v_cache, const float* k, const float* v,
-                                                  const int* pos_dev, int pos_arg, int row_len, long long n) {
+                                                  const int* slots, const int* positions, int S, int row_len,
+                                                  long long n) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const size_t dst = (size_t)read_pos(pos_dev, pos_arg) * row_len + i;
+    const int t = i / row_len;
+    const size_t dst = ((size_t)slots[t] * S + positions[t]) * row_len + i % row_len;
     k_cache[dst] = k[i];
     v_cache[dst] = v[i];
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_kernel(float* out, float* part_acc, float* part_m, float* part_l, const float* q,
-                 const float* k_cache, const float* v_cache, const int* pos_dev, int pos_arg,
-                 int T, int H, int KV, int Dh, float scale) {
+                 const float* k_cache, const float* v_cache, const int* slots, const int* positions,
+                 int T, int S, int H, int KV, int Dh, float scale) {
     __shared__ __align__(16) float q_s[ATT_ROWS][ATT_DMAX];
     __shared__ __align__(16) float k_s[ATT_BK][ATT_KSTRIDE];
     __shared__ __align__(16) float v_s[ATT_BK][ATT_DMAX];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int n_rep = H / KV, g = blockIdx.y, pos = read_pos(pos_dev, pos_arg);
-    const int n_f = T * n_rep, f0 = blockIdx.x * ATT_ROWS;  // row f = t * n_rep + (h - g * n_rep)
+    const int n_rep = H / KV, g = blockIdx.y, per_tile = ATT_ROWS / n_rep;
+    // this block's tile: rows t0..t0+nt-1, if a tile starts at t0 (else another block has these rows)
+    const int t0 = blockIdx.x;
+    const bool run_breaks = t0 == 0 || slots[t0] != slots[t0 - 1] || positions[t0] != positions[t0 - 1] + 1;
+    if (!(t0 % per_tile == 0 || run_breaks)) return;
+    int nt = 1;
+    while (t0 + nt < T && (t0 + nt) % per_tile != 0 && slots[t0 + nt] == slots[t0] &&
+           positions[t0 + nt] == positions[t0] + nt)
+        nt++;
+    const int n_f = nt * n_rep;  // rows f = t_local * n_rep + (h - g * n_rep)
+    const size_t slot_base = (size_t)slots[t0] * S;
     const int Dh4 = (Dh + 3) & ~3;                            // Dh rounded up to whole float4s
     const int n_dims = CEIL_DIV(Dh, 32);                      // accumulator slots in use per lane
 
-    // this split's keys: the pos + T keys in gridDim.z chunks of whole tiles, ending (causal) after the
-    // position of the block's last query
-    const int chunk = CEIL_DIV(CEIL_DIV(pos + T, (int)gridDim.z), ATT_BK) * ATT_BK;
-    const int last_t = (min(f0 + ATT_ROWS, n_f) - 1) / n_rep;
+    // this split's keys: the tile's keys (up to its last row's position) in gridDim.z chunks of whole tiles
+    const int keys = positions[t0 + nt - 1] + 1;
+    const int chunk = CEIL_DIV(CEIL_DIV(keys, (int)gridDim.z), ATT_BK) * ATT_BK;
     const int key_lo = blockIdx.z * chunk;
-    const int key_hi = min(key_lo + chunk, pos + last_t + 1);
+    const int key_hi = min(key_lo + chunk, keys);
 
     // the block's query rows, zero past Dh (scores read whole float4s)
     for (int i = threadIdx.x; i < ATT_ROWS * Dh4; i += blockDim.x) {
-        const int slot = i / Dh4, d = i % Dh4, f = f0 + slot;
+        const int slot = i / Dh4, d = i % Dh4;
         float val = 0.0f;
-        if (f < n_f && d < Dh) val = q[((size_t)(f / n_rep) * H + g * n_rep + f % n_rep) * Dh + d];
+        if (slot < n_f && d < Dh) val = q[((size_t)(t0 + slot / n_rep) * H + g * n_rep + slot % n_rep) * Dh + d];
         q_s[slot][d] = val;
     }
 
@@ -1530,9 +1623,9 @@ attention_kernel(float* out, float* part_acc, float* part_m, float* part_l, cons
     float m[ATT_RPW], l[ATT_RPW], acc[ATT_RPW][ATT_DMAX / 32];
 #pragma unroll
     for (int r = 0; r < ATT_RPW; r++) {
-        const int f = f0 + warp + ATT_WARPS * r;
+        const int f = warp + ATT_WARPS * r;
         valid[r] = f < n_f;
-        qpos[r] = pos + f / n_rep;
+        qpos[r] = valid[r] ? positions[t0 + f / n_rep] : 0;
         m[r] = NEG_INF;
         l[r] = 0.0f;
 #pragma unroll
@@ -1549,7 +1642,7 @@ attention_kernel(float* out, float* part_acc, float* part_m, float* part_l, cons
             const int j = i / nq, d = (i % nq) * 4, key = k0 + j;
             float4 kv = {0.0f, 0.0f, 0.0f, 0.0f}, vv = kv;
             if (key < key_hi) {
-                const size_t base = ((size_t)key * KV + g) * Dh + d;
+                const size_t base = ((slot_base + key) * KV + g) * Dh + d;
                 if ((Dh & 3) == 0) {  // 16-byte loads
                     kv = *(const float4*)(k_cache + base);
                     vv = *(const float4*)(v_cache + base);
@@ -1611,8 +1704,8 @@ attention_kernel(float* out, float* part_acc, float* part_m, float* part_l, cons
 #pragma unroll
     for (int r = 0; r < ATT_RPW; r++) {
         if (!valid[r]) continue;
-        const int f = f0 + warp + ATT_WARPS * r;
-        const size_t row = (size_t)(f / n_rep) * H + g * n_rep + f % n_rep;  // (t, h) row of out
+        const int f = warp + ATT_WARPS * r;
+        const size_t row = (size_t)(t0 + f / n_rep) * H + g * n_rep + f % n_rep;  // (t, h) row of out
         if (gridDim.z == 1) {  // one split saw every key: normalise and write the output
             const float inv_l = 1.0f / l[r];
 #pragma unroll
@@ -1658,41 +1751,50 @@ def _attention_splits(blocks: int, max_keys: int) -> int:
     return max(1, min(_ceil_div(target, blocks), _ceil_div(max_keys, 64)))
 
 
-def attention_cuda(out, q, k, v, k_cache, v_cache, pos):
-    """q (T, H, Dh), k, v (T, KV, Dh) at positions pos..pos+T-1 (int, or int32 (1,) on the GPU);
-    caches (S, KV, Dh) -> out (T, H*Dh)"""
-    _check_f32("attention", out=out, q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
-    if q.ndim != 3 or k.ndim != 3 or k_cache.ndim != 3:
-        raise ValueError(f"attention: q, k, caches must be 3-D, got {q.shape}, {k.shape}, {k_cache.shape}")
+def attention_cuda(out, q, k, v, k_cache, v_cache, slots, positions):
+    """q (T, H, Dh), k, v (T, KV, Dh) of the rows at (slots[t], positions[t]) (host ids, or int32 (T,) on the
+    GPU); caches QWeight (n_slots, S, KV, Dh) of kind f32 -> out (T, H*Dh): row t attends to rows
+    0..positions[t] of its slot"""
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.kind != "f32":
+            raise ValueError(f"attention: the CUDA kernel reads float32 caches, got a {cache.kind} {name}; "
+                             f"use cache_type='f32' on the GPU")
+    kc, vc = k_cache.data, v_cache.data
+    _check_f32("attention", out=out, q=q, k=k, v=v, k_cache=kc, v_cache=vc)
+    if q.ndim != 3 or k.ndim != 3 or kc.ndim != 4:
+        raise ValueError(f"attention: q, k must be 3-D and caches 4-D, got {q.shape}, {k.shape}, {kc.shape}")
     T, H, Dh = q.shape
-    S, KV = k_cache.shape[0], k.shape[1]
-    if k.shape != (T, KV, Dh) or v.shape != k.shape or k_cache.shape != (S, KV, Dh) or v_cache.shape != k_cache.shape:
-        raise ValueError(f"attention: k, v (T, KV, Dh) and caches (S, KV, Dh) must match q {q.shape}, got "
-                         f"k {k.shape}, v {v.shape}, caches {k_cache.shape}, {v_cache.shape}")
-    if H % KV or out.shape != (T, H * Dh):
-        raise ValueError(f"attention: H = {H} must be a multiple of KV = {KV}, out ({T}, {H * Dh}); got {out.shape}")
+    n_slots, S, KV = kc.shape[:3]
+    if k.shape != (T, KV, Dh) or v.shape != k.shape or kc.shape != (n_slots, S, KV, Dh) or vc.shape != kc.shape:
+        raise ValueError(f"attention: k, v (T, KV, Dh) and caches (n_slots, S, KV, Dh) must match q {q.shape}, "
+                         f"got k {k.shape}, v {v.shape}, caches {kc.shape}, {vc.shape}")
+    if H % KV or H // KV > _ATT_ROWS or out.shape != (T, H * Dh):
+        raise ValueError(f"attention: H = {H} must be a multiple of KV = {KV} with at most {_ATT_ROWS} query heads "
+                         f"per KV head, out ({T}, {H * Dh}); got {out.shape}")
     if Dh % 2 or Dh > ATTENTION_MAX_HEAD_DIM:
         raise ValueError(f"attention: head dim must be even and <= {ATTENTION_MAX_HEAD_DIM}, got {Dh}")
-    if Dh % 4 == 0 and (k_cache.data.ptr % 16 or v_cache.data.ptr % 16):
+    if Dh % 4 == 0 and (kc.data.ptr % 16 or vc.data.ptr % 16):
         raise ValueError("attention: caches must start at a 16-byte boundary (rows are read as float4)")
-    pos_dev, pos_arg = _pos_args("attention", pos, T, S)
+    on_device = isinstance(positions, cupy.ndarray)
+    max_keys = S if on_device else int(np.max(positions, initial=-1)) + 1  # a graph is sized for the whole cache
+    slots = _device_ids("attention", "slots", slots, T, n_slots)
+    positions = _device_ids("attention", "positions", positions, T, S)
     if T == 0:
         return out
     n = T * KV * Dh
     store = _CUDA.kernel(_ATTENTION_SRC, "attention_store_kernel")
-    store((_ceil_div(n, 256),), (256,), (k_cache, v_cache, k, v, pos_dev, pos_arg, np.int32(KV * Dh), np.int64(n)))
+    store((_ceil_div(n, 256),), (256,), (kc, vc, k, v, slots, positions, np.int32(S), np.int32(KV * Dh), np.int64(n)))
 
-    row_blocks = _ceil_div(T * (H // KV), _ATT_ROWS)
-    max_keys = S if pos_dev is not None else int(pos_arg) + T  # a graph is sized for the whole cache
-    splits = _attention_splits(row_blocks * KV, max_keys)
+    tiles = _ceil_div(T, _ATT_ROWS // (H // KV))  # blocks that hold a tile when the rows are one sequence
+    splits = _attention_splits(tiles * KV, max_keys)
     part_acc = part_m = part_l = None
     if splits > 1:
         rows = splits * T * H
         part = _CUDA.scratch("attention", rows * (Dh + 2))
         part_acc, part_m, part_l = part[:rows * Dh], part[rows * Dh:rows * (Dh + 1)], part[rows * (Dh + 1):]
     fn = _CUDA.kernel(_ATTENTION_SRC, "attention_kernel")
-    fn((row_blocks, KV, splits), (_ATT_THREADS,),
-       (out, part_acc, part_m, part_l, q, k_cache, v_cache, pos_dev, pos_arg, np.int32(T), np.int32(H),
+    fn((T, KV, splits), (_ATT_THREADS,),
+       (out, part_acc, part_m, part_l, q, kc, vc, slots, positions, np.int32(T), np.int32(S), np.int32(H),
         np.int32(KV), np.int32(Dh), np.float32(1.0 / np.sqrt(Dh))))
     if splits > 1:
         combine = _CUDA.kernel(_ATTENTION_SRC, "attention_combine_kernel")
@@ -1859,37 +1961,37 @@ def sample_cuda(logits, temperature: float, top_p: float, coin: float) -> int:
 
 
 class CudaGraphStep:
-    """One decode step captured once as a CUDA graph and replayed at every position.
+    """One decode step of T rows captured once as a CUDA graph and replayed at every position.
 
-    fn(token, pos) must do the whole step with device work only, reading the token and its position from
-    the two int32 (1,) cupy arrays it is given (kernels that take pos accept such an array): no host
-    copies, no allocations, no synchronisation; e.g. lambda token, pos: forward(model, state, token, pos).
+    fn(tokens, positions, slots) must do the whole step with device work only, reading the rows' tokens,
+    positions and slots from the three int32 (T,) cupy arrays it is given (the kernels that take per-row ids
+    accept such arrays): no host copies, no allocations, no synchronisation; e.g.
+    lambda tokens, positions, slots: forward(model, state, tokens, positions, slots, slice(0, 1)).
     The first call runs fn eagerly (that compiles kernels, allocates scratch and computes the step), then
-    captures it; later calls copy the new token and position in and replay the graph. The graph keeps the
-    addresses of every buffer fn touched (weights, run state), so make one per run state.
+    captures it; later calls copy the new ids in and replay the graph. The graph keeps the addresses of
+    every buffer fn touched (weights, run state), so make one per run state and row count.
     """
 
-    def __init__(self, fn):
+    def __init__(self, fn, T: int = 1):
         _require_cupy("CudaGraphStep")
         self.fn = fn
-        self.args = cupy.zeros(2, dtype=np.int32)  # [token, pos], read by the captured kernels
-        self.token, self.pos = self.args[0:1], self.args[1:2]
+        self.args = cupy.zeros((3, T), dtype=np.int32)  # tokens, positions, slots, read by the captured kernels
         self.stream = cupy.cuda.Stream(non_blocking=True)  # capture needs a stream other than the default
         self.graph = None
         self.result = None
 
-    def __call__(self, token: int, pos: int):
-        """Run the step for `token` at position `pos`; returns what fn returned (device arrays that each
-        replay overwrites)."""
+    def __call__(self, tokens, positions, slots):
+        """Run the step for the rows (T,) of tokens at (slots, positions); returns what fn returned (device
+        arrays that each replay overwrites)."""
         caller = cupy.cuda.get_current_stream()
         self.stream.wait_event(caller.record())  # after earlier work, e.g. the prefill that filled the cache
         with self.stream:
-            self.args.set(np.array([token, pos], dtype=np.int32), stream=self.stream)
+            self.args.set(np.array([tokens, positions, slots], dtype=np.int32), stream=self.stream)
             if self.graph is None:
-                self.result = self.fn(self.token, self.pos)
+                self.result = self.fn(self.args[0], self.args[1], self.args[2])
                 self.stream.begin_capture()
                 try:
-                    self.fn(self.token, self.pos)
+                    self.fn(self.args[0], self.args[1], self.args[2])
                 finally:
                     graph = self.stream.end_capture()
                 self.graph = graph
@@ -1987,30 +2089,33 @@ def set_threads(n: int):
 # the bandwidth that time means (bytes that must be read / time). The assertions live in tests/.
 
 
-def _check_calls(rng):
+def _check_calls(rng, backend):
     """(label, op, arguments, bytes the op must read or 0) at SmolLM2-135M's sizes, decode (T 1) and prefill."""
     D, H, KV, Dh, F, S, V = 576, 9, 3, 64, 1536, 1024, 4096
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
     cos, sin = f32(S, Dh // 2), f32(S, Dh // 2)
+    cache_types = ("f32",) if backend == "cupy" else ("f32", "f16", "q8_0")
     calls = []
     for T in (1, 37):
-        pos = S - T - 100
+        positions, slots = np.arange(S - T - 100, S - 100), np.ones(T, np.int64)
         for kind in KINDS:
             w = quantize(f32(F, D), kind)
             weight_bytes = w.data.nbytes + (0 if w.scales is None else w.scales.nbytes)
             calls.append((f"matmul {kind} T={T}", "matmul", dict(out=f32(T, F), x=f32(T, D), w=w), weight_bytes))
             calls.append((f"embed {kind} T={T}", "embed", dict(out=f32(T, D), w=quantize(f32(V, D), kind),
                                                                 tokens=rng.integers(0, V, T)), 0))
-        k_cache, v_cache = f32(S, KV, Dh), f32(S, KV, Dh)
         calls += [
             (f"rmsnorm T={T}", "rmsnorm", dict(out=f32(T, D), x=f32(T, D), weight=f32(D), eps=1e-5), 0),
-            (f"rope T={T}", "rope", dict(x=f32(T, H, Dh), pos=pos, cos=cos, sin=sin), 0),
-            (f"attention T={T} over {pos + T} keys", "attention",
-             dict(out=f32(T, H * Dh), q=f32(T, H, Dh), k=f32(T, KV, Dh), v=f32(T, KV, Dh), k_cache=k_cache,
-                  v_cache=v_cache, pos=pos), 2 * (pos + T) * KV * Dh * 4),
+            (f"rope T={T}", "rope", dict(x=f32(T, H, Dh), positions=positions, cos=cos, sin=sin), 0),
             (f"swiglu T={T}", "swiglu", dict(out=f32(T, F), h1=f32(T, F), h3=f32(T, F)), 0),
             (f"add T={T}", "add", dict(x=f32(T, D), y=f32(T, D)), 0),
         ]
+        for cache_type in cache_types:
+            k_cache, v_cache = (quantize(f32(2, S, KV, Dh), cache_type) for _ in range(2))
+            cache_bytes = 2 * sum(a.nbytes for a in k_cache if a is not None) * positions[-1] // (2 * S)
+            calls.append((f"attention {cache_type} cache T={T} over {positions[-1] + 1} keys", "attention",
+                          dict(out=f32(T, H * Dh), q=f32(T, H, Dh), k=f32(T, KV, Dh), v=f32(T, KV, Dh),
+                               k_cache=k_cache, v_cache=v_cache, slots=slots, positions=positions), cache_bytes))
     return calls
 
 
@@ -2024,7 +2129,8 @@ def _check_one(backend, op, args, repeats=20):
         return xp.array(a) if isinstance(a, np.ndarray) and a.dtype == np.float32 else a
 
     written = "out" if "out" in args else "x"  # rope and add work in place
-    ref_args = {name: a.copy() if isinstance(a, np.ndarray) else a for name, a in args.items()}
+    ref_args = {name: QWeight(*(None if b is None else b.copy() for b in a)) if isinstance(a, QWeight)
+                else a.copy() if isinstance(a, np.ndarray) else a for name, a in args.items()}
     if op == "matmul" and backend == "numba" and args["w"].kind in QUANTIZED and args["x"].shape[0] == 1:
         ref_args["x"] = quantize_activations_ref(args["x"])  # what the int8 decode matmul computes with
     globals()[op + "_ref"](**ref_args)
@@ -2047,7 +2153,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     failed = 0
     for backend in available_backends()[1:]:  # numba, cupy: each against the numpy reference
-        for label, op, args, nbytes in _check_calls(rng):
+        for label, op, args, nbytes in _check_calls(rng, backend):
             diff, passed, seconds = _check_one(backend, op, args)
             failed += not passed
             speed = f"  {nbytes / seconds / 1e9:6.1f} GB/s" if nbytes else ""

@@ -28,11 +28,14 @@ References:
 """
 
 import argparse
+import collections
 import glob
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass, fields
 
@@ -124,6 +127,7 @@ VERSION = 1
 PREAMBLE = "<4sIQ"  # magic, version, JSON header length in bytes
 ALIGN = 64  # every array starts at a multiple of 64 bytes from the file start (cache lines, SIMD loads)
 GROUP_SIZE = 32  # quantization group: one f16 scale per 32 weights, as in ggml's Q8_0/Q4_0
+CACHE_TYPES = ("f32", "f16", "q8_0")  # KV-cache kinds: q8_0 in groups of GROUP_SIZE along each head
 CONVERT_HINT = "re-create it with: python convert_weights.py SRC OUT --quant q8_0"
 
 
@@ -276,8 +280,9 @@ def load_weights(path: str) -> tuple[Config, dict | None, Weights]:
 
 @dataclass
 class RunState:
-    key_cache: np.ndarray  # (L, S, KV, Dh) float32, float16 on the numba backend
-    value_cache: np.ndarray  # (L, S, KV, Dh)
+    key_cache: QWeight  # (L, n_slots, S, KV, Dh): one slot per sequence; f32, f16 or q8_0 (see Model.cache_type)
+    value_cache: QWeight  # (L, n_slots, S, KV, Dh)
+    lengths: np.ndarray  # (n_slots,) tokens in each slot's cache: the position of its next token
     x: np.ndarray  # (T_max, D) residual stream
     xb: np.ndarray  # (T_max, D) normalised input of a sub-block
     xb2: np.ndarray  # (T_max, D) output of a sub-block, added to the residual
@@ -288,23 +293,25 @@ class RunState:
     hb: np.ndarray  # (T_max, F) FFN gate, then silu(gate) * up
     hb2: np.ndarray  # (T_max, F) FFN up
     logits: np.ndarray  # (T_max, V)
-    pos: int = 0  # tokens already in the cache: the position of the next token
     graph: object = None  # the decode step captured as a CUDA graph (cupy backend), made on first use
 
 
-def kv_cache_bytes(cfg: Config, ctx: int, cache_dtype=np.float32) -> int:
-    """Bytes of keys and values for `ctx` positions."""
-    return 2 * cfg.n_layers * ctx * cfg.kv_dim * np.dtype(cache_dtype).itemsize
+def kv_cache_bytes(cfg: Config, ctx: int, cache_type: str = "f32", n_slots: int = 1) -> int:
+    """Bytes of keys and values for n_slots sequences of `ctx` positions."""
+    layout = kernels.array_layout(cache_type, (n_slots, ctx, cfg.n_kv_heads, cfg.head_dim), GROUP_SIZE)
+    return 2 * cfg.n_layers * sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for dtype, shape in layout)
 
 
-def build_run_state(cfg: Config, ctx: int, max_tokens_per_call: int, zeros=np.zeros,
-                    cache_dtype=np.float32) -> RunState:
+def build_run_state(cfg: Config, ctx: int, max_tokens_per_call: int, n_slots: int = 1, zeros=np.zeros,
+                    cache_type: str = "f32") -> RunState:
     """Buffers for calls of up to max_tokens_per_call tokens; zeros(shape, dtype) allocates on the backend."""
     T, D, F, HDh = max_tokens_per_call, cfg.dim, cfg.hidden_dim, cfg.n_heads * cfg.head_dim
-    cache_shape = (cfg.n_layers, ctx, cfg.n_kv_heads, cfg.head_dim)
+    cache_shape = (cfg.n_layers, n_slots, ctx, cfg.n_kv_heads, cfg.head_dim)
+    cache = lambda: QWeight(*(zeros(shape, dtype) for dtype, shape in  # noqa: E731
+                              kernels.array_layout(cache_type, cache_shape, GROUP_SIZE)))
     f32 = np.float32
     return RunState(
-        key_cache=zeros(cache_shape, cache_dtype), value_cache=zeros(cache_shape, cache_dtype),
+        key_cache=cache(), value_cache=cache(), lengths=np.zeros(n_slots, np.int64),
         x=zeros((T, D), f32), xb=zeros((T, D), f32), xb2=zeros((T, D), f32),
         q=zeros((T, HDh), f32), k=zeros((T, cfg.kv_dim), f32), v=zeros((T, cfg.kv_dim), f32),
         att=zeros((T, HDh), f32),
@@ -365,15 +372,18 @@ def split_layers(w: Weights, n_layers: int) -> list[LayerWeights]:
 
 # -----------------------------------------------------------------------------
 # Forward
-# One pass of the transformer over T new tokens at positions pos..pos+T-1: T = 1 is a decode step
-# (matrix-vector products), T > 1 a batched prefill (matrix-matrix). Returns the logits.
+# One pass of the transformer over a batch of T rows, llama.cpp's llama_batch: row t is token tokens[t] at
+# position positions[t] of the sequence in KV-cache slot slots[t]. One prompt's prefill is rows of one slot,
+# a decode step one row per running sequence, and continuous batching mixes both in one call.
 
 
-def forward(model: "Model", state: RunState, tokens, pos, all_logits: bool = False):
-    """Run tokens (T,) at positions pos..pos+T-1 through the model, writing their keys/values to the cache.
+def forward(model: "Model", state: RunState, tokens, positions, slots, logit_rows):
+    """Run rows (T,) of tokens at (slots, positions) through the model, writing their keys/values to the cache.
 
-    pos is an int, or a device scalar inside a captured CUDA graph; the caller advances state.pos.
-    Returns logits (T, V) if all_logits else (1, V) for the last token, as a view of state.logits.
+    A row attends to its slot's cache rows 0..positions[t]: those before this call's rows must be in the
+    cache already. tokens, positions, slots may be int32 device arrays inside a captured CUDA graph; the
+    caller keeps state.lengths. Returns the logits (R, V) of the rows logit_rows (a slice or an index
+    array), a view of state.logits.
     """
     cfg, w, ops = model.config, model.weights, model.ops
     T = len(tokens)
@@ -390,12 +400,13 @@ def forward(model: "Model", state: RunState, tokens, pos, all_logits: bool = Fal
         ops.matmul(q, xb, lw.wq)
         ops.matmul(k, xb, lw.wk)
         ops.matmul(v, xb, lw.wv)
-        # RoPE: rotate each head's query and key by its position
-        ops.rope(q.reshape(T, H, Dh), pos, model.rope_cos, model.rope_sin)
-        ops.rope(k.reshape(T, KV, Dh), pos, model.rope_cos, model.rope_sin)
-        # store k, v in the cache at pos, then grouped-query attention over positions 0..pos+T-1
+        # RoPE: rotate each head's query and key by its row's position
+        ops.rope(q.reshape(T, H, Dh), positions, model.rope_cos, model.rope_sin)
+        ops.rope(k.reshape(T, KV, Dh), positions, model.rope_cos, model.rope_sin)
+        # store k, v in each row's slot at its position, then grouped-query attention over the slot's rows
+        # 0..position
         ops.attention(att, q.reshape(T, H, Dh), k.reshape(T, KV, Dh), v.reshape(T, KV, Dh),
-                      state.key_cache[l], state.value_cache[l], pos)
+                      state.key_cache.layer(l), state.value_cache.layer(l), slots, positions)
         # output projection and residual
         ops.matmul(xb2, att, lw.wo)
         ops.add(x, xb2)
@@ -410,10 +421,11 @@ def forward(model: "Model", state: RunState, tokens, pos, all_logits: bool = Fal
         ops.add(x, xb2)
 
     # final rmsnorm and classifier, on the rows whose logits are wanted
-    rows = slice(0, T) if all_logits else slice(T - 1, T)
-    ops.rmsnorm(xb[rows], x[rows], w.norm, cfg.norm_eps)
-    logits = state.logits[:rows.stop - rows.start]  # (T or 1, V)
-    ops.matmul(logits, xb[rows], w.output)
+    x_out = x[logit_rows]  # (R, D)
+    R = len(x_out)
+    ops.rmsnorm(xb[:R], x_out, w.norm, cfg.norm_eps)
+    logits = state.logits[:R]  # (R, V)
+    ops.matmul(logits, xb[:R], w.output)
     return logits
 
 
@@ -452,7 +464,7 @@ class Model:
     """A llama31 model file loaded for inference; see load()."""
 
     def __init__(self, path: str, backend: str = "auto", ctx: int | None = None,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, cache_type: str | None = None):
         start = time.perf_counter()
         self.backend = kernels.pick_backend(backend)
         self.ops = kernels.ops_for(self.backend)
@@ -463,51 +475,71 @@ class Model:
             raise ValueError(f"ctx {self.ctx} is out of range: this model allows 1..{self.config.max_seq_len}")
         self.weights = _weights_to(self.ops.xp, weights)
         self.layers = split_layers(self.weights, self.config.n_layers)
-        # the KV cache in float16 on numba where the weights are 16-bit or quantized (half the bytes a decode
-        # step reads, llama.cpp's default); float32 for float32 weights (exact to the reference) and elsewhere
-        self.cache_dtype = np.float16 if self.backend == "numba" and self.layers[0].wq.kind != "f32" else np.float32
+        self.cache_type = cache_type or self._default_cache_type()
+        self._check_cache_type()
         cos, sin = rope_tables(self.config, self.ctx)
         self.rope_cos, self.rope_sin = self.ops.xp.asarray(cos), self.ops.xp.asarray(sin)
         # tokens per prefill pass: the GPU dequantizes every weight once per pass, so it takes larger bites
         self.prefill_chunk = prefill_chunk or (2048 if self.backend == "cupy" else 128)
         self.load_seconds = time.perf_counter() - start
 
-    def new_state(self) -> RunState:
-        """A fresh KV cache of self.ctx positions; refuses up front if the machine can't hold it."""
-        need = kv_cache_bytes(self.config, self.ctx, self.cache_dtype)
+    def _default_cache_type(self) -> str:
+        # float16 on numba where the weights are 16-bit or quantized (half the bytes a decode step reads,
+        # llama.cpp's default); float32 for float32 weights (exact to the reference) and elsewhere
+        return "f16" if self.backend == "numba" and self.layers[0].wq.kind != "f32" else "f32"
+
+    def _check_cache_type(self):
+        if self.cache_type not in CACHE_TYPES:
+            raise ValueError(f"cache_type {self.cache_type!r} is not one of {CACHE_TYPES}")
+        if self.backend == "cupy" and self.cache_type != "f32":
+            raise ValueError(f"cache_type {self.cache_type!r}: the CUDA backend keeps a float32 cache; use 'f32'")
+        if self.cache_type == "q8_0" and self.config.head_dim % GROUP_SIZE:
+            raise ValueError(f"cache_type 'q8_0' quantizes each head in groups of {GROUP_SIZE}, but this model's "
+                             f"head_dim is {self.config.head_dim}; use 'f16'")
+
+    def new_state(self, n_slots: int = 1) -> RunState:
+        """Fresh KV caches of self.ctx positions for n_slots sequences; refuses up front if they don't fit."""
+        need = kv_cache_bytes(self.config, self.ctx, self.cache_type, n_slots)
         have = _available_memory_bytes() if self.ops.xp is np else self.ops.xp.cuda.runtime.memGetInfo()[0]
         if have is not None and need > have:
-            raise MemoryError(f"a KV cache of {self.ctx} positions needs {need / 2**30:.1f} GiB but only "
-                              f"{have / 2**30:.1f} GiB is free; choose a smaller --ctx")
-        return build_run_state(self.config, self.ctx, self.prefill_chunk, self.ops.zeros, self.cache_dtype)
+            raise MemoryError(f"a KV cache of {n_slots} x {self.ctx} positions needs {need / 2**30:.1f} GiB but "
+                              f"only {have / 2**30:.1f} GiB is free; choose a smaller --ctx")
+        return build_run_state(self.config, self.ctx, self.prefill_chunk, n_slots, self.ops.zeros, self.cache_type)
 
     def host(self, a) -> np.ndarray:
         """A backend array as a numpy array (a no-op on the CPU backends)."""
         return a if self.ops.xp is np else a.get()
 
-    def prefill(self, state: RunState, token_ids) -> np.ndarray:
-        """Feed token_ids in chunks of prefill_chunk; return the last token's logits (1, V)."""
+    def prefill(self, state: RunState, token_ids, slot: int = 0) -> np.ndarray:
+        """Append token_ids to a slot's sequence in chunks of prefill_chunk; return the last token's logits (1, V)."""
         token_ids = np.asarray(token_ids, dtype=np.int64)
-        if state.pos + len(token_ids) > self.ctx:
-            raise ValueError(f"{state.pos + len(token_ids)} tokens do not fit the context of {self.ctx}; "
+        start = int(state.lengths[slot])
+        if not len(token_ids):
+            raise ValueError("prefill: no tokens to feed")
+        if start + len(token_ids) > self.ctx:
+            raise ValueError(f"{start + len(token_ids)} tokens do not fit the context of {self.ctx}; "
                              f"use a larger --ctx (this model allows up to {self.config.max_seq_len})")
-        for start in range(0, len(token_ids), self.prefill_chunk):
-            chunk = token_ids[start:start + self.prefill_chunk]
-            logits = forward(self, state, chunk, state.pos)
-            state.pos += len(chunk)
+        for i in range(0, len(token_ids), self.prefill_chunk):
+            chunk = token_ids[i:i + self.prefill_chunk]
+            positions = np.arange(start + i, start + i + len(chunk))
+            logits = forward(self, state, chunk, positions, np.full(len(chunk), slot), slice(len(chunk) - 1, None))
+        state.lengths[slot] = start + len(token_ids)
         return logits
 
-    def decode(self, state: RunState, token: int):
-        """One decode step: logits (1, V) of token at state.pos; on the GPU, a replayed CUDA graph."""
+    def decode(self, state: RunState, token: int, slot: int = 0):
+        """One decode step: logits (1, V) of token at the end of a slot's sequence; on the GPU, a replayed
+        CUDA graph."""
+        pos = int(state.lengths[slot])
+        if pos >= self.ctx:
+            raise ValueError(f"decode: the context of {self.ctx} is full")
         if self.backend == "cupy":
-            if state.graph is None:  # capture once; later steps only copy in the token and position
-                def step(token_dev, pos_dev):
-                    return forward(self, state, token_dev, pos_dev)
-                state.graph = kernels.CudaGraphStep(step)
-            logits = state.graph(token, state.pos)
+            if state.graph is None:  # capture once; later steps only copy in the token, position and slot
+                state.graph = kernels.CudaGraphStep(
+                    lambda tokens, positions, slots: forward(self, state, tokens, positions, slots, slice(0, 1)))
+            logits = state.graph([token], [pos], [slot])
         else:
-            logits = forward(self, state, np.array([token]), state.pos)
-        state.pos += 1
+            logits = forward(self, state, np.array([token]), np.array([pos]), np.array([slot]), slice(0, 1))
+        state.lengths[slot] = pos + 1
         return logits
 
     def next_token(self, sampler: "Sampler", logits, recent_tokens) -> int:
@@ -527,22 +559,34 @@ class Model:
         chunks = []
         for start in range(0, len(token_ids), self.prefill_chunk):
             chunk = token_ids[start:start + self.prefill_chunk]
-            chunks.append(self.host(forward(self, state, chunk, start, all_logits=True)).copy())
-        return np.concatenate(chunks)
+            positions = np.arange(start, start + len(chunk))
+            logits = forward(self, state, chunk, positions, np.zeros(len(chunk), np.int64), slice(None))
+            chunks.append(self.host(logits).copy())
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.config.vocab_size), np.float32)
 
     def generate(self, prompt, **kwargs):
         """Yield the text of a continuation of prompt (text or token ids); see generate() for the options."""
         return generate(self, prompt, **kwargs)
 
+    def generate_batch(self, prompts, **kwargs) -> list[tuple[str, str]]:
+        """Complete many prompts at once: [(text, finish_reason)]; see generate_batch() for the options."""
+        return generate_batch(self, prompts, **kwargs)
 
-def load(path: str, backend: str = "auto", ctx: int | None = None) -> Model:
-    """Load a llama31 model file (from convert_weights.py) on "numpy", "numba", "cupy" or "auto"."""
-    return Model(path, backend=backend, ctx=ctx)
+
+def load(path: str, backend: str = "auto", ctx: int | None = None, cache_type: str | None = None) -> Model:
+    """Load a llama31 model file (from convert_weights.py) on "numpy", "numba", "cupy" or "auto".
+
+    ctx: positions per sequence (default min(model max, 8192)); cache_type: "f32", "f16" or "q8_0" keys and
+    values (default f16 on numba for 16-bit and quantized weights, else f32)."""
+    return Model(path, backend=backend, ctx=ctx, cache_type=cache_type)
 
 
 # -----------------------------------------------------------------------------
 # Sampling
 # Choosing the next token from the logits, on the host in numpy, with a seeded generator owned by the sampler.
+
+
+REPEAT_WINDOW = 64  # the repetition penalty looks at this many of the latest tokens
 
 
 @dataclass
@@ -607,15 +651,15 @@ def sample(sampler: Sampler, logits: np.ndarray, recent_tokens) -> int:
 
 
 def generate_tokens(model: Model, state: RunState, prompt_ids, sampler: Sampler, max_tokens: int | None,
-                    stats: dict | None = None, repeat_window: int = 64):
+                    stats: dict | None = None):
     """Yield new token ids; every yielded token is in the KV cache afterwards (the stop token is not)."""
     stats = {} if stats is None else stats
     stop_ids = model.tokenizer.eos_ids if model.tokenizer is not None else set()
     start = time.perf_counter()
     logits = model.prefill(state, prompt_ids)
     stats.update(prompt_tokens=len(prompt_ids), prefill_seconds=time.perf_counter() - start, new_tokens=0)
-    recent = list(prompt_ids[-repeat_window:])
-    limit = model.ctx - state.pos if max_tokens is None else max_tokens
+    recent = list(prompt_ids[-REPEAT_WINDOW:])
+    limit = model.ctx - int(state.lengths[0]) if max_tokens is None else max_tokens
     for i in range(limit):
         token = model.next_token(sampler, logits, recent)
         if token in stop_ids:
@@ -626,11 +670,11 @@ def generate_tokens(model: Model, state: RunState, prompt_ids, sampler: Sampler,
         yield token
         stats["new_tokens"] = i + 1
         stats["decode_seconds"] = time.perf_counter() - decode_start
-        if state.pos >= model.ctx:
+        if state.lengths[0] >= model.ctx:
             stats["context_full"] = True
             break
         logits = model.decode(state, token)
-        recent = (recent + [token])[-repeat_window:]
+        recent = (recent + [token])[-REPEAT_WINDOW:]
 
 
 def encode_prompt(model: Model, prompt, chat: bool | None = None, system: str | None = None) -> list[int]:
@@ -709,33 +753,285 @@ def chat(model: Model, sampler: Sampler, system: str | None = None, max_tokens: 
             write("\n")
             return state
         if user.strip() == "/reset":
-            state.pos = 0
+            state.lengths[0] = 0
             print("[conversation cleared]", file=sys.stderr)
             continue
         message = [{"role": "user", "content": user}]
-        if state.pos == 0:
+        if state.lengths[0] == 0:
             ids = tok.encode_dialog(([{"role": "system", "content": system}] if system else []) + message)
         else:
             # the last answer's stop token was sampled but never fed: close that turn with it (or with the
             # end-of-turn token if the answer was cut short), then the new message
             ids = [last_stop] + tok.encode_dialog_continuation(message)
-        if state.pos + len(ids) >= model.ctx:
-            print(f"[context full: {state.pos} of {model.ctx} positions used; /reset to start over, "
+        if state.lengths[0] + len(ids) >= model.ctx:
+            print(f"[context full: {state.lengths[0]} of {model.ctx} positions used; /reset to start over, "
                   f"or restart with a larger --ctx]", file=sys.stderr)
             continue
-        stats, turn_start = {}, state.pos
+        stats, turn_start = {}, int(state.lengths[0])
         try:
             for piece in _detokenize(tok, generate_tokens(model, state, ids, sampler, max_tokens, stats)):
                 write(piece)
                 sys.stdout.flush()
         except KeyboardInterrupt:
             if "new_tokens" not in stats:  # stopped during the prompt: forget the half-read turn
-                state.pos = turn_start
+                state.lengths[0] = turn_start
             write(" [stopped]")
         write("\n")
         last_stop = stats.get("stop_token", end_of_turn)
         if stats.get("context_full"):
             print("[context full: /reset to start over]", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# Serving engine
+# Many sequences decoding at once through the one forward pass (continuous batching): a request takes a free
+# KV-cache slot at the next step and frees it when it ends; long prompts are prefilled a chunk at a time
+# between the others' decode steps; a prompt that starts with what a free slot holds (the next turn of a
+# chat) prefills only the rest. The HTTP layer on top of it is serve.py.
+
+
+class QueueFull(RuntimeError):
+    """Engine.submit when max_queue requests already wait for a slot: try again later (HTTP 503)."""
+
+
+@dataclass
+class Step:
+    """One generated token as a request's reader receives it."""
+
+    token: int
+    logprob: float | None = None  # log-probability under the model (raw logits), when the request asked
+    top_logprobs: list = None  # [(token, logprob)] of the k most likely, most likely first
+
+
+class Request:
+    """A prompt being served by an Engine; read its tokens with steps(), stop it with cancel()."""
+
+    def __init__(self, prompt: list[int], sampler: Sampler, max_tokens: int | None, stop_ids: set[int],
+                 logprobs: int | None):
+        self.prompt, self.sampler, self.max_tokens = prompt, sampler, max_tokens
+        self.stop_ids, self.logprobs = stop_ids, logprobs
+        self.finish_reason = None  # "stop" (a stop token, not yielded), "length" (max_tokens or context), "cancelled"
+        self.cached_tokens = 0  # prompt tokens found in a slot's cache: not prefilled again
+        self.completion_tokens = 0
+        self.slot = None  # the engine's slot index while running
+        self.fed = 0  # prompt tokens in the slot's cache so far
+        self.pending = None  # the last sampled token, fed at the next step
+        self.recent = list(prompt[-REPEAT_WINDOW:])  # what the repetition penalty looks at
+        self.cancelled = False
+        self._steps = queue.SimpleQueue()  # Step per token, then None when finished
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    def steps(self, timeout: float | None = None):
+        """Yield each Step as the engine makes it; return when the request has finished."""
+        while (step := self._steps.get(timeout=timeout)) is not None:
+            yield step
+
+    def cancel(self):
+        """Stop generating: the engine frees the slot at its next step (safe from any thread)."""
+        self.cancelled = True
+
+    def _finish(self, reason: str):
+        self.finish_reason = reason
+        self._steps.put(None)
+
+
+@dataclass
+class Slot:
+    tokens: list  # the tokens whose keys and values this slot's cache holds, in order
+    request: Request | None = None
+    last_used: int = 0  # engine step of its last request's end: free slots are reused least recent first
+
+
+class Engine:
+    """Serves requests on `parallel` KV-cache slots of model.ctx positions each; see submit()."""
+
+    def __init__(self, model: Model, parallel: int = 4, max_queue: int | None = 64,
+                 mixed_prefill_rows: int = 32):
+        if not 1 <= parallel <= model.prefill_chunk:
+            raise ValueError(f"parallel must be in 1..{model.prefill_chunk} (rows of one step), got {parallel}")
+        self.model, self.parallel, self.max_queue = model, parallel, max_queue
+        # prompt rows in a step that also decodes: a bounded chunk, so running streams don't stall behind it
+        self.mixed_prefill_rows = mixed_prefill_rows
+        self.state = model.new_state(n_slots=parallel)
+        self.slots = [Slot([]) for _ in range(parallel)]
+        self.waiting = collections.deque()
+        self.steps_done = 0
+        self.lock = threading.Condition()
+        self.thread, self.closing = None, False
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(slot.request is not None for slot in self.slots)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def submit(self, prompt_ids, sampler: Sampler, max_tokens: int | None = None, stop_ids=None,
+               logprobs: int | None = None) -> Request:
+        """Queue a prompt (token ids). max_tokens None: until a stop token or the context is full; stop_ids
+        None: the tokenizer's end-of-turn/text ids; logprobs None: none, 0: the chosen token's, k: also the
+        top k (k <= 20). Raises ValueError for a bad argument, QueueFull when max_queue requests wait."""
+        prompt = [int(t) for t in prompt_ids]
+        vocab = self.model.config.vocab_size
+        if not prompt:
+            raise ValueError("prompt_ids is empty: give at least one token")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt_ids must be token ids in 0..{vocab - 1}")
+        if len(prompt) >= self.model.ctx:
+            raise ValueError(f"the prompt has {len(prompt)} tokens but a slot holds {self.model.ctx}: "
+                             f"shorten it or serve with a larger --ctx")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if logprobs is not None and not 0 <= logprobs <= 20:
+            raise ValueError(f"logprobs must be in 0..20, got {logprobs}")
+        if stop_ids is None:
+            stop_ids = self.model.tokenizer.eos_ids if self.model.tokenizer is not None else set()
+        request = Request(prompt, sampler, max_tokens, set(stop_ids), logprobs)
+        with self.lock:
+            if self.max_queue is not None and len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot already; try again later")
+            self.waiting.append(request)
+            self.lock.notify()
+        return request
+
+    def start(self):
+        """Run the scheduler in a background thread until close()."""
+        self.thread = threading.Thread(target=self._loop, name="llama31-engine", daemon=True)
+        self.thread.start()
+
+    def close(self):
+        """Stop the scheduler; requests still running or waiting end "cancelled"."""
+        with self.lock:
+            self.closing = True
+            self.lock.notify()
+        if self.thread is not None:
+            self.thread.join()
+        for request in [slot.request for slot in self.slots if slot.request] + list(self.waiting):
+            request._finish("cancelled")
+        self.waiting.clear()
+
+    def _loop(self):
+        while True:
+            with self.lock:
+                while not self.closing and not self.waiting and not self.busy_slots:
+                    self.lock.wait()
+                if self.closing:
+                    return
+            self.step()
+
+    def step(self):
+        """One scheduler turn: drop cancelled requests, admit waiting ones into free slots, run one forward
+        over every running request's next rows (decode rows first, then a chunk of prompt), sample."""
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancelled:
+                self._release(slot, "cancelled")
+        with self.lock:
+            while self.waiting and any(slot.request is None for slot in self.slots):
+                self._admit(self.waiting.popleft())
+        tokens, positions, slots, sampled = [], [], [], []  # the batch's rows; (request, row) to sample
+        for s, slot in enumerate(self.slots):  # decode rows: each running sequence's last sampled token
+            request = slot.request
+            if request is not None and request.pending is not None:
+                tokens.append(request.pending)
+                positions.append(len(slot.tokens))
+                slots.append(s)
+                slot.tokens.append(request.pending)
+                sampled.append((request, len(tokens) - 1))
+        budget = self.model.prefill_chunk - len(tokens) if not tokens else self.mixed_prefill_rows
+        for s, slot in enumerate(self.slots):  # prompt rows, oldest slots first, within the budget
+            request = slot.request
+            if request is None or request.fed == len(request.prompt) or budget <= 0:
+                continue
+            chunk = request.prompt[request.fed:request.fed + budget]
+            tokens += chunk
+            positions += range(len(slot.tokens), len(slot.tokens) + len(chunk))
+            slots += [s] * len(chunk)
+            slot.tokens += chunk
+            request.fed += len(chunk)
+            budget -= len(chunk)
+            if request.fed == len(request.prompt):
+                sampled.append((request, len(tokens) - 1))
+        if not tokens:
+            return
+        logits = forward(self.model, self.state, np.array(tokens), np.array(positions), np.array(slots),
+                         np.array([row for _, row in sampled]))
+        for s, slot in enumerate(self.slots):
+            self.state.lengths[s] = len(slot.tokens)
+        for i, (request, _) in enumerate(sampled):
+            self._emit(request, logits[i:i + 1])
+        self.steps_done += 1
+
+    def _admit(self, request: Request):
+        """Give request the free slot holding the longest prefix of its prompt (else the least recently used)."""
+        free = [s for s, slot in enumerate(self.slots) if slot.request is None]
+        shared = {s: _common_prefix(self.slots[s].tokens, request.prompt) for s in free}
+        s = max(free, key=lambda s: (shared[s], -self.slots[s].last_used))
+        slot = self.slots[s]
+        # keep the shared prefix, but feed at least the last prompt token: its logits give the first new token
+        reuse = min(shared[s], len(request.prompt) - 1)
+        del slot.tokens[reuse:]
+        slot.request, request.slot = request, s
+        request.cached_tokens = request.fed = reuse
+
+    def _emit(self, request: Request, logits):
+        """Sample request's next token from its logits (1, V); hand it over, or finish the request."""
+        token = self.model.next_token(request.sampler, logits, request.recent)
+        if token in request.stop_ids:
+            return self._release(self.slots[request.slot], "stop")
+        step = Step(token)
+        if request.logprobs is not None:
+            step.logprob, step.top_logprobs = _logprobs(self.model.host(logits[0]), token, request.logprobs)
+        request.completion_tokens += 1
+        request.recent = (request.recent + [token])[-REPEAT_WINDOW:]
+        request._steps.put(step)
+        slot = self.slots[request.slot]
+        if request.completion_tokens == request.max_tokens or len(slot.tokens) >= self.model.ctx:
+            return self._release(slot, "length")
+        request.pending = token
+
+    def _release(self, slot: Slot, reason: str):
+        request, slot.request, slot.last_used = slot.request, None, self.steps_done
+        request.slot = None
+        request._finish(reason)
+
+
+def _common_prefix(a: list, b: list) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list]:
+    """log-softmax of logits (V,) at token, and the k most likely (token, logprob), most likely first."""
+    z = logits.astype(np.float64)
+    log_probs = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+    top = np.argpartition(-log_probs, k)[:k] if 0 < k < len(z) else np.arange(len(z) if k else 0)
+    top = top[np.argsort(-log_probs[top], kind="stable")]
+    return float(log_probs[token]), [(int(t), float(log_probs[t])) for t in top]
+
+
+def generate_batch(model: Model, prompts, max_tokens: int | None = 256, parallel: int = 8, chat: bool | None = None,
+                   system: str | None = None, **sampling) -> list[tuple[str, str]]:
+    """Complete many prompts (texts or token-id lists) through one Engine at full parallelism.
+
+    sampling: temperature, top_k, top_p, min_p, repetition_penalty, seed (see Sampler; each prompt gets its
+    own sampler, seeded alike). Returns [(text, finish_reason)] in the order of prompts.
+    """
+    engine = Engine(model, parallel=min(parallel, len(prompts), model.prefill_chunk) or 1, max_queue=None)
+    requests = [engine.submit(encode_prompt(model, p, chat, system), Sampler(**sampling), max_tokens)
+                for p in prompts]
+    while engine.busy_slots or engine.queued:
+        engine.step()
+    return [("".join(_detokenize(model.tokenizer, [s.token for s in r.steps()])), r.finish_reason)
+            for r in requests]
 
 
 # -----------------------------------------------------------------------------
@@ -807,6 +1103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernels to run on (default auto: numba if installed, else numpy)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="cuda = --backend cupy; cpu = numba or numpy")
     p.add_argument("--threads", type=int, help="CPU threads for the numba kernels (default: all cores)")
+    p.add_argument("--cache-type", choices=CACHE_TYPES, help="KV-cache kind: q8_0 halves f16's memory (default: "
+                   "f16 on numba for 16-bit and quantized weights, else f32)")
     p.add_argument("--raw", action="store_true", help="plain completion: no chat template for instruct models")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat in the terminal")
     p.add_argument("--system", help="system prompt for the chat template")
@@ -869,7 +1167,7 @@ def main(argv=None) -> int:
     try:
         if args.threads is not None:
             kernels.set_threads(args.threads)
-        model = load(resolve_model(args.model), backend=backend, ctx=args.ctx)
+        model = load(resolve_model(args.model), backend=backend, ctx=args.ctx, cache_type=args.cache_type)
         notice = kernels.backend_notice(model.backend)
         if notice:
             print(notice, file=sys.stderr)

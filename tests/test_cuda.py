@@ -197,59 +197,71 @@ def test_embed(rng, kind):
 
 
 @on_gpu
-@pytest.mark.parametrize("T, n_heads, Dh, pos", [(1, 4, 16, 0), (1, 32, 128, 99), (7, 3, 10, 20), (13, 8, 64, 87)])
-@pytest.mark.parametrize("device_pos", [False, True])
-def test_rope(rng, T, n_heads, Dh, pos, device_pos):
-    S = 100
+@pytest.mark.parametrize("n_heads, Dh, positions", [(4, 16, [0]), (32, 128, [99]), (3, 10, list(range(20, 27))),
+                                                    (8, 64, [87, 3, 3, 50, 99, 0, 12, 13, 14, 15, 16, 17, 40])])
+@pytest.mark.parametrize("device_ids", [False, True])
+def test_rope(rng, n_heads, Dh, positions, device_ids):
+    S, T = 100, len(positions)
     x = rng.standard_normal((T, n_heads, Dh)).astype(np.float32)
     angles = rng.uniform(-10, 10, size=(S, Dh // 2))
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
     xd = cupy.asarray(x)
-    p = cupy.asarray([pos], dtype=np.int32) if device_pos else pos
+    p = cupy.asarray(positions, dtype=np.int32) if device_ids else np.array(positions)
     kernels.rope_cuda(xd, p, cupy.asarray(cos), cupy.asarray(sin))
-    assert_close("rope", xd, kernels.rope_ref(x.copy(), pos, cos, sin))
-    if not device_pos:
+    assert_close("rope", xd, kernels.rope_ref(x.copy(), np.array(positions), cos, sin))
+    if not device_ids:
         with pytest.raises(ValueError, match="rope"):
-            kernels.rope_cuda(xd, S - T + 1, cupy.asarray(cos), cupy.asarray(sin))
+            kernels.rope_cuda(xd, np.full(T, S), cupy.asarray(cos), cupy.asarray(sin))
 
 
-ATTENTION_CASES = [  # T, H, KV, Dh, S, pos
-    (1, 4, 2, 16, 64, 0),  # first token
-    (1, 4, 2, 16, 64, 63),  # last cache row
-    (1, 32, 8, 128, 3000, 2500),  # Llama 8B heads, decode split over the keys
-    (1, 9, 3, 64, 1000, 999),  # SmolLM2-like GQA (n_rep 3), splits
-    (7, 6, 3, 10, 50, 20),  # Dh % 4 != 0, prefill continuing a cache
-    (40, 8, 2, 64, 100, 0),  # prefill from 0: several row blocks, causal mask inside a tile
-    (33, 4, 4, 32, 700, 600),  # no GQA, prefill late in a long cache
-    (1, 2, 1, 128, 20000, 19000),  # many splits
+ATTENTION_CASES = [  # H, KV, Dh, S, rows' slots, rows' positions (3 slots)
+    (4, 2, 16, 64, [0], [0]),  # first token
+    (4, 2, 16, 64, [2], [63]),  # last cache row
+    (32, 8, 128, 3000, [1], [2500]),  # Llama 8B heads, decode split over the keys
+    (9, 3, 64, 1000, [0], [999]),  # SmolLM2-like GQA (n_rep 3), splits
+    (6, 3, 10, 50, [1] * 7, list(range(20, 27))),  # Dh % 4 != 0, prefill continuing a cache
+    (8, 2, 64, 100, [0] * 40, list(range(40))),  # prefill from 0: several row blocks, causal mask inside a tile
+    (4, 4, 32, 700, [2] * 33, list(range(600, 633))),  # no GQA, prefill late in a long cache
+    (2, 1, 128, 20000, [0], [19000]),  # many splits
+    (9, 3, 64, 1000, [2, 0, 1], [5, 700, 999]),  # decode rows of three sequences
+    (8, 2, 64, 300, [1, 0, 0, 0, 0, 0, 2], [77, 10, 11, 12, 13, 14, 250]),  # decode, a prefill chunk, decode
 ]
 
 
 @on_gpu
-@pytest.mark.parametrize("T, H, KV, Dh, S, pos", ATTENTION_CASES)
-@pytest.mark.parametrize("device_pos", [False, True])
-def test_attention(rng, T, H, KV, Dh, S, pos, device_pos):
+@pytest.mark.parametrize("H, KV, Dh, S, slots, positions", ATTENTION_CASES)
+@pytest.mark.parametrize("device_ids", [False, True])
+def test_attention(rng, H, KV, Dh, S, slots, positions, device_ids):
+    T = len(slots)
+    slots, positions = np.array(slots), np.array(positions)
     q = rng.standard_normal((T, H, Dh)).astype(np.float32)
     k, v = rng.standard_normal((2, T, KV, Dh)).astype(np.float32)
-    # rows past pos + T hold garbage that the causal mask must ignore
-    k_cache, v_cache = (rng.standard_normal((2, S, KV, Dh)) * 3).astype(np.float32)
-    ref_k, ref_v = k_cache.copy(), v_cache.copy()
-    ref = kernels.attention_ref(np.empty((T, H * Dh), np.float32), q, k, v, ref_k, ref_v, pos)
-    kc, vc, out = cupy.asarray(k_cache), cupy.asarray(v_cache), poisoned((T, H * Dh))
-    p = cupy.asarray([pos], dtype=np.int32) if device_pos else pos
-    kernels.attention_cuda(out, cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), kc, vc, p)
+    # rows no call wrote hold garbage that the causal mask must ignore
+    k_cache, v_cache = (rng.standard_normal((2, 3, S, KV, Dh)) * 3).astype(np.float32)
+    ref_k, ref_v = QWeight(k_cache.copy()), QWeight(v_cache.copy())
+    ref = kernels.attention_ref(np.empty((T, H * Dh), np.float32), q, k, v, ref_k, ref_v, slots, positions)
+    kc, vc, out = QWeight(cupy.asarray(k_cache)), QWeight(cupy.asarray(v_cache)), poisoned((T, H * Dh))
+    ids = (cupy.asarray(slots, dtype=np.int32), cupy.asarray(positions, dtype=np.int32)) if device_ids else (
+        slots, positions)
+    kernels.attention_cuda(out, cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), kc, vc, *ids)
     assert_close("attention", out, ref, scale=10.0)
-    np.testing.assert_array_equal(cupy.asnumpy(kc), ref_k)
-    np.testing.assert_array_equal(cupy.asnumpy(vc), ref_v)
+    np.testing.assert_array_equal(cupy.asnumpy(kc.data), ref_k.data)
+    np.testing.assert_array_equal(cupy.asnumpy(vc.data), ref_v.data)
 
 
 @on_gpu
 def test_attention_rejects_bad_shapes():
     z = lambda *s: cupy.zeros(s, np.float32)  # noqa: E731
+    one = (np.zeros(1, np.int64), np.zeros(1, np.int64))
     with pytest.raises(ValueError, match="head dim"):
-        kernels.attention_cuda(z(1, 2 * 256), z(1, 2, 256), z(1, 1, 256), z(1, 1, 256), z(8, 1, 256), z(8, 1, 256), 0)
+        kernels.attention_cuda(z(1, 2 * 256), z(1, 2, 256), z(1, 1, 256), z(1, 1, 256), QWeight(z(1, 8, 1, 256)),
+                               QWeight(z(1, 8, 1, 256)), *one)
     with pytest.raises(ValueError, match="attention"):
-        kernels.attention_cuda(z(1, 64), z(1, 4, 16), z(1, 2, 16), z(1, 2, 16), z(8, 2, 16), z(8, 2, 16), 8)
+        kernels.attention_cuda(z(1, 64), z(1, 4, 16), z(1, 2, 16), z(1, 2, 16), QWeight(z(1, 8, 2, 16)),
+                               QWeight(z(1, 8, 2, 16)), np.zeros(1, np.int64), np.full(1, 8))
+    with pytest.raises(ValueError, match="float32 caches"):
+        half = QWeight(cupy.zeros((1, 8, 2, 16), np.float16))
+        kernels.attention_cuda(z(1, 64), z(1, 4, 16), z(1, 2, 16), z(1, 2, 16), half, half, *one)
 
 
 @on_gpu
@@ -307,25 +319,25 @@ def test_cuda_graph_step_matches_eager(rng):
                 wq=random_weight(rng, "q4_0", D, D), wk=random_weight(rng, "bf16", KV * Dh, D),
                 wv=random_weight(rng, "q8_0", KV * Dh, D), sin=np.sin(angles).astype(np.float32),
                 x=np.zeros((1, D), np.float32), q=np.zeros((1, D), np.float32), k=np.zeros((1, KV * Dh), np.float32),
-                v=np.zeros((1, KV * Dh), np.float32), kc=np.zeros((S, KV, Dh), np.float32),
-                vc=np.zeros((S, KV, Dh), np.float32), att=np.zeros((1, D), np.float32))
+                v=np.zeros((1, KV * Dh), np.float32), kc=QWeight(np.zeros((2, S, KV, Dh), np.float32)),
+                vc=QWeight(np.zeros((2, S, KV, Dh), np.float32)), att=np.zeros((1, D), np.float32))
     dev = {name: to_gpu(a) if isinstance(a, QWeight) else cupy.asarray(a) for name, a in host.items()}
 
-    def step(ops, b, token, pos):
-        ops.embed(b["x"], b["emb"], token)
+    def step(ops, b, tokens, positions, slots):
+        ops.embed(b["x"], b["emb"], tokens)
         for name in "qkv":
             ops.matmul(b[name], b["x"], b["w" + name])
         q, k, v = b["q"].reshape(1, H, Dh), b["k"].reshape(1, KV, Dh), b["v"].reshape(1, KV, Dh)
-        ops.rope(q, pos, b["cos"], b["sin"])
-        ops.rope(k, pos, b["cos"], b["sin"])
-        ops.attention(b["att"], q, k, v, b["kc"], b["vc"], pos)
+        ops.rope(q, positions, b["cos"], b["sin"])
+        ops.rope(k, positions, b["cos"], b["sin"])
+        ops.attention(b["att"], q, k, v, b["kc"], b["vc"], slots, positions)
         return b["att"]
 
     numpy_ops, cupy_ops = kernels.ops_for("numpy"), kernels.ops_for("cupy")
-    graph = kernels.CudaGraphStep(lambda token, pos: step(cupy_ops, dev, token, pos))
+    graph = kernels.CudaGraphStep(lambda tokens, positions, slots: step(cupy_ops, dev, tokens, positions, slots))
     for pos, token in enumerate(rng.integers(0, V, size=S)):
-        got = graph(int(token), pos)
-        ref = step(numpy_ops, host, np.array([token]), pos)
+        got = graph([int(token)], [pos], [1])  # slot 1 of 2
+        ref = step(numpy_ops, host, np.array([token]), np.array([pos]), np.array([1]))
         assert_close("attention", got, ref, scale=100.0)
     assert graph.graph is not None
 
@@ -346,8 +358,9 @@ def test_full_model_logits_match_numpy(tiny_files, kind):
     cp_model = llama31.load(tiny_files[kind], backend="cupy", ctx=64)
     np_state, cp_state = np_model.new_state(), cp_model.new_state()
     for pos, token in enumerate(ids[:6]):
-        a = llama31.forward(np_model, np_state, np.array([token]), pos)
-        b = cp_model.host(llama31.forward(cp_model, cp_state, np.array([token]), pos))
+        a = np_model.decode(np_state, token)
+        b = cp_model.host(llama31.forward(cp_model, cp_state, np.array([token]), np.array([pos]), np.zeros(1, np.int64),
+                                          slice(None)))
         np.testing.assert_allclose(b, a, atol=1e-3, rtol=1e-3)
 
 
@@ -358,7 +371,8 @@ def test_full_model_graph_decode_matches_eager(tiny_files):
     model = llama31.load(tiny_files["q8_0"], backend="cupy", ctx=64)
     eager, replayed = model.new_state(), model.new_state()
     for pos, token in enumerate([5, 9, 2, 77, 31, 8, 100, 3]):
-        a = model.host(llama31.forward(model, eager, np.array([token]), pos)).copy()
+        a = model.host(llama31.forward(model, eager, np.array([token]), np.array([pos]), np.zeros(1, np.int64),
+                                       slice(None))).copy()
         b = model.host(model.decode(replayed, token)).copy()
-        assert replayed.pos == pos + 1 and replayed.graph is not None
+        assert replayed.lengths[0] == pos + 1 and replayed.graph is not None
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)

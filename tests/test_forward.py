@@ -67,7 +67,7 @@ def test_decode_steps_equal_batched_prefill(tiny_model_file, backend):
     ids = np.random.default_rng(2).integers(0, TINY.vocab_size, 40)
     state = model.new_state()
     stepwise = np.concatenate([model.decode(state, int(token)).copy() for token in ids])
-    assert state.pos == len(ids)
+    assert state.lengths[0] == len(ids)
     np.testing.assert_allclose(stepwise, model.logits(ids), rtol=1e-4, atol=1e-4)
 
 
@@ -79,7 +79,7 @@ def test_kv_cache_dtype(tiny_files, backend, kind):
     model = llama31.load(tiny_files[kind], backend=backend)
     state = model.new_state()
     half = backend == "numba" and kind != "f32"
-    assert state.key_cache.dtype == state.value_cache.dtype == (np.float16 if half else np.float32)
+    assert state.key_cache.kind == state.value_cache.kind == model.cache_type == ("f16" if half else "f32")
     ids = np.random.default_rng(3).integers(0, TINY.vocab_size, 20)
     model.prefill(state, ids[:-1])
     last = model.decode(state, int(ids[-1]))[-1]

@@ -113,49 +113,107 @@ def test_embed_rejects_token_out_of_range(rng):
 
 
 @needs_numba
-@pytest.mark.parametrize("T, n_heads, Dh, pos", [(1, 9, 64, 0), (3, 2, 6, 17), (1, 3, 64, 19)])
-def test_rope(rng, T, n_heads, Dh, pos):
-    S = 20  # pos + T reaches the end of the table in the last two cases
+@pytest.mark.parametrize("positions", [[0], [17, 18, 19], [19], [3, 0, 19, 7, 7]])
+def test_rope(rng, positions):
+    S, n_heads, Dh = 20, 3, 6  # the last row of the table, rows in any order, repeated positions
     angles = rng.uniform(0, 100, (S, Dh // 2)).astype(np.float32)
     cos, sin = np.cos(angles), np.sin(angles)
-    x = rng.standard_normal((T, n_heads, Dh)).astype(np.float32)
+    x = rng.standard_normal((len(positions), n_heads, Dh)).astype(np.float32)
     got = x.copy()
-    kernels.rope_numba(got, pos, cos, sin)
-    assert_close(got, kernels.rope_ref(x.copy(), pos, cos, sin), "rope")
+    kernels.rope_numba(got, np.array(positions), cos, sin)
+    assert_close(got, kernels.rope_ref(x.copy(), np.array(positions), cos, sin), "rope")
+
+
+def random_cache(rng, kind, n_slots, S, KV, Dh):
+    """A cache QWeight (n_slots, S, KV, Dh) of random contents (rows no call wrote must be ignored)"""
+    return kernels.quantize(rng.standard_normal((n_slots, S, KV, Dh)).astype(np.float32), kind)
+
+
+def copy_cache(c):
+    return kernels.QWeight(c.data.copy(), None if c.scales is None else c.scales.copy())
+
+
+def prefill_rows(slot, start, n):
+    """(slots, positions) of n rows that continue the sequence in `slot` at position `start`"""
+    return [slot] * n, list(range(start, start + n))
+
+
+ATTENTION_BATCHES = {  # name: (rows' slots, rows' positions)
+    "first token": ([0], [0]),
+    "decode, 71 keys: two 32-key steps and a partial one": ([0], [70]),
+    "prefill chunk straddling a step": prefill_rows(0, 27, 5),
+    "the last positions of the cache": prefill_rows(1, 297, 3),
+    "decode over 3 splits (split 128)": ([1], [299]),
+    "prefill chunk across a split boundary": prefill_rows(0, 120, 13),
+    "tiles of 4, 4 and 1 tokens": prefill_rows(2, 40, 9),
+    "prefill into an empty cache": prefill_rows(1, 0, 37),
+    "decode rows of 3 sequences": ([2, 0, 1], [5, 130, 299]),
+    "decode rows, then a prefill chunk, then decode": ([2, 1, 0, 0, 0, 0, 0, 2], [7, 77, 10, 11, 12, 13, 14, 60]),
+}
 
 
 @needs_numba
-@pytest.mark.parametrize("T, H, KV, Dh, pos", [
-    (1, 4, 4, 64, 0),  # first token, GQA ratio 1
-    (1, 9, 3, 64, 70),  # decode, ratio 3, 71 keys: two full 32-key steps and a partial one
-    (5, 6, 2, 8, 27),  # prefill chunk whose keys straddle a step boundary
-    (3, 3, 1, 16, 97),  # the last positions of the cache (S = 100)
-    (1, 9, 3, 64, 300),  # decode with the keys split into tasks, the splits' sizes not multiples of 32
-    (9, 8, 2, 80, 40),  # tiles of 4, 4 and 1 tokens; ratio 4; a head 64 + 16 wide
-    (37, 4, 4, 128, 0),  # prefill into an empty cache, tiles dealt first, last, second...
-])
-@pytest.mark.parametrize("cache_dtype", [np.float32, np.float16])
-def test_attention(rng, T, H, KV, Dh, pos, cache_dtype):
-    S = max(100, pos + T + 3)
+@pytest.mark.parametrize("batch", ATTENTION_BATCHES)
+@pytest.mark.parametrize("H, KV, Dh", [(4, 4, 64), (9, 3, 64), (8, 2, 80), (3, 1, 16)])
+@pytest.mark.parametrize("cache_type", ["f32", "f16", "q8_0"])
+def test_attention(rng, batch, H, KV, Dh, cache_type):
+    """Rows of several sequences (cache slots) at their own positions: the numba kernel against the
+    reference, and the cache contents written alike (bit for bit)."""
+    if cache_type == "q8_0" and Dh % 32:
+        pytest.skip("q8_0 caches group each head by 32")
+    slots, positions = (np.array(a) for a in ATTENTION_BATCHES[batch])
+    T, S = len(slots), 300
     q = rng.standard_normal((T, H, Dh)).astype(np.float32)
     k, v = rng.standard_normal((2, T, KV, Dh)).astype(np.float32)
-    cache = rng.standard_normal((2, S, KV, Dh)).astype(cache_dtype)  # rows past pos + T must be ignored
-    ref_k, ref_v = cache[0].copy(), cache[1].copy()
-    ref = kernels.attention_ref(np.empty((T, H * Dh), np.float32), q, k, v, ref_k, ref_v, pos)
-    k_cache, v_cache = cache[0].copy(), cache[1].copy()
+    k_cache, v_cache = (random_cache(rng, cache_type, 3, S, KV, Dh) for _ in range(2))
+    ref_k, ref_v = copy_cache(k_cache), copy_cache(v_cache)
+    ref = kernels.attention_ref(np.empty((T, H * Dh), np.float32), q, k, v, ref_k, ref_v, slots, positions)
     out = poisoned(T, H * Dh)
-    kernels.attention_numba(out, q, k, v, k_cache, v_cache, pos)
+    kernels.attention_numba(out, q, k, v, k_cache, v_cache, slots, positions)
     assert_close(out, ref, "attention")
-    np.testing.assert_array_equal(k_cache, ref_k)
-    np.testing.assert_array_equal(v_cache, ref_v)
+    for got, want in ((k_cache, ref_k), (v_cache, ref_v)):
+        for a, b in zip(got, want):
+            if a is not None:
+                np.testing.assert_array_equal(a, b)
+
+
+@needs_numba
+@pytest.mark.parametrize("cache_type", ["f32", "f16", "q8_0"])
+def test_attention_rows_do_not_depend_on_the_batch(rng, cache_type):
+    """Each row's output is the same to the bit whether it comes alone (decode), in its prefill chunk, or
+    in a batch with other sequences' rows: the kernel's splits are fixed cuts of each row's own keys."""
+    H, KV, Dh, S = 9, 3, 64, 400
+    k_all, v_all = rng.standard_normal((2, 2, S, KV, Dh)).astype(np.float32)  # two sequences' keys, values
+    q_all = rng.standard_normal((2, S, H, Dh)).astype(np.float32)
+
+    def run(rows):  # attention of rows [(slot, pos)] on fresh caches holding each slot's keys before them
+        k_cache, v_cache = (kernels.quantize(np.zeros((2, S, KV, Dh), np.float32), cache_type) for _ in range(2))
+        for s in range(2):  # store what precedes the rows (a prefill of those positions)
+            n = min((p for slot, p in rows if slot == s), default=0)
+            kernels.attention_numba(np.empty((n, H * Dh), np.float32), q_all[s, :n], k_all[s, :n], v_all[s, :n],
+                                    k_cache, v_cache, np.full(n, s), np.arange(n))
+        slots, positions = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+        out = poisoned(len(rows), H * Dh)
+        kernels.attention_numba(out, q_all[slots, positions], k_all[slots, positions], v_all[slots, positions],
+                                k_cache, v_cache, slots, positions)
+        return out
+
+    chunk = [(0, p) for p in range(250, 262)]  # 12 rows across the split at 256
+    batch = [(1, 390)] + chunk + [(1, 391), (1, 392)]
+    together = run(batch)
+    alone = np.concatenate([run(batch[:1]), run(chunk), run(batch[-2:])])
+    np.testing.assert_array_equal(together, alone)
+    np.testing.assert_array_equal(run(chunk)[-1:], run(chunk[-1:]))
 
 
 @needs_numba
 def test_attention_rejects_positions_past_the_cache(rng):
-    q, k = np.zeros((2, 2, 8), np.float32), np.zeros((2, 1, 8), np.float32)
-    cache = np.zeros((10, 1, 8), np.float32)
-    with pytest.raises(ValueError, match="outside the cache"):
-        kernels.attention_numba(poisoned(2, 16), q, k, k, cache, cache.copy(), 9)
+    q, k = np.zeros((2, 2, 16), np.float32), np.zeros((2, 1, 16), np.float32)
+    cache = kernels.quantize(np.zeros((2, 10, 1, 16), np.float32), "f32")
+    for slots, positions in (([0, 0], [9, 10]), ([2, 2], [0, 1]), ([0, 0], [-1, 0])):
+        with pytest.raises(ValueError, match="outside the cache"):
+            kernels.attention_numba(poisoned(2, 32), q, k, k, cache, copy_cache(cache), np.array(slots),
+                                    np.array(positions))
 
 
 @needs_numba
@@ -201,8 +259,8 @@ def test_self_check_passes(capsys):
     """`python kernels.py` checks every op of every backend here against its reference, a line each."""
     assert kernels.main() == 0
     lines = capsys.readouterr().out.splitlines()
-    n_calls = len(kernels._check_calls(np.random.default_rng(0)))
-    assert len(lines) == n_calls * (len(kernels.available_backends()) - 1)
+    backends = kernels.available_backends()[1:]
+    assert len(lines) == sum(len(kernels._check_calls(np.random.default_rng(0), b)) for b in backends)
     assert all(" pass " in line for line in lines)
 
 
@@ -265,9 +323,11 @@ def test_model_logits_match_numpy_backend(tiny_files, kind):
     for backend, logits in (("numba", got), ("numpy", ref)):
         model = llama31.load(tiny_files[kind], backend=backend, ctx=32)
         state = model.new_state()
+        pos = 0
         for chunk in chunks:
-            logits.append(llama31.forward(model, state, np.array(chunk), state.pos, all_logits=True).copy())
-            state.pos += len(chunk)
+            positions, slots = np.arange(pos, pos + len(chunk)), np.zeros(len(chunk), np.int64)
+            logits.append(llama31.forward(model, state, np.array(chunk), positions, slots, slice(None)).copy())
+            pos += len(chunk)
     for g, r in zip(got, ref):
         # int8 activations in decode: compare loosely, scaled by the logits' spread
         tol = 0.05 if kind in kernels.QUANTIZED else 1e-3

@@ -166,10 +166,11 @@ def test_chat_keeps_the_kv_cache_across_turns(converted, monkeypatch):
     # the second turn prefills only the new tokens: the end of the last answer, then the new message
     assert prompts[1][0] in tok.eos_ids
     assert prompts[1][1:] == tok.encode_dialog_continuation([{"role": "user", "content": "And 3+3?"}])
-    assert state.pos == len(fed)
+    n = state.lengths[0]
+    assert n == len(fed)
     fresh = model.new_state()
     model.prefill(fresh, fed)
-    np.testing.assert_allclose(state.key_cache[:, :state.pos], fresh.key_cache[:, :state.pos], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(state.key_cache.data[:, 0, :n], fresh.key_cache.data[:, 0, :n], rtol=1e-4, atol=1e-4)
     assert "".join(answers).strip()
 
 
@@ -183,7 +184,7 @@ def test_chat_reset_and_full_context(converted, capsys):
     assert half > 1 and out[:half] == out[half:2 * half]  # after /reset, the same question, the same answer
     assert "[conversation cleared]" in capsys.readouterr().err
     state = llama31.chat(model, greedy, max_tokens=8, read=scripted("word " * 200, "Hi"), write=answers.append)
-    assert "[context full" in capsys.readouterr().err and state.pos > 0  # the long turn was refused, "Hi" ran
+    assert "[context full" in capsys.readouterr().err and state.lengths[0] > 0  # the long turn was refused, "Hi" ran
 
 
 def test_chat_ctrl_c_stops_the_answer_and_the_chat_goes_on(ours):
@@ -201,4 +202,4 @@ def test_chat_ctrl_c_stops_the_answer_and_the_chat_goes_on(ours):
     assert " [stopped]" in text
     after = text.split(" [stopped]", 1)[1]
     assert after.strip()  # the second turn was answered
-    assert state.pos > 0
+    assert state.lengths[0] > 0
