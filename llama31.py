@@ -892,7 +892,9 @@ class Engine:
             stop_ids = self.model.tokenizer.eos_ids if self.model.tokenizer is not None else set()
         request = Request(prompt, sampler, max_tokens, set(stop_ids), logprobs)
         with self.lock:
-            if self.max_queue is not None and len(self.waiting) >= self.max_queue:
+            # requests wait for the next step even when a slot is free: those don't count against max_queue
+            free = sum(slot.request is None for slot in self.slots)
+            if self.max_queue is not None and len(self.waiting) >= self.max_queue + free:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot already; try again later")
             self.waiting.append(request)
             self.lock.notify()

@@ -185,7 +185,7 @@ def test_submit_rejects_bad_arguments(tiny_files, args, message):
 
 def test_a_full_queue_refuses_and_a_threaded_engine_serves_the_rest(tiny_files):
     model = llama31.load(tiny_files["f32"], backend="numpy", ctx=64)
-    engine = llama31.Engine(model, parallel=2, max_queue=3)
+    engine = llama31.Engine(model, parallel=2, max_queue=1)  # room for 2 (the free slots) + 1 waiting
     requests = [engine.submit(p, llama31.Sampler(temperature=0.0), 4) for p in PROMPTS[:3]]
     with pytest.raises(llama31.QueueFull):
         engine.submit([1], llama31.Sampler(), 4)
