@@ -6,7 +6,9 @@ References (test-only packages; tests skip with a reason when one is absent):
 
 import http.client as http_client
 import json
+import os
 import pathlib
+import select
 import socket
 import subprocess
 import sys
@@ -649,9 +651,13 @@ def test_cli_serves(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "llama31.py", "--serve", "--port", str(port), "--ctx", "256",
-                             "--parallel", "1"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                             "--parallel", "1"], cwd=ROOT, stderr=subprocess.PIPE)
     try:
-        assert "serving SmolLM2" in proc.stderr.readline() + proc.stderr.readline()
+        deadline, said = time.monotonic() + 300, b""
+        while b"Ctrl-C" not in said and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stderr], [], [], 1.0)[0]:
+                said += os.read(proc.stderr.fileno(), 4096)
+        assert b"serving SmolLM2" in said and f"127.0.0.1:{port}".encode() in said
         status, _, body = http(f"http://127.0.0.1:{port}", "POST", "/v1/completions",
                                body={"prompt": "Hi", "max_tokens": 2})
         assert status == 200 and json.loads(body)["usage"]["completion_tokens"] <= 2
