@@ -959,8 +959,9 @@ class Engine:
                 sampled.append((request, len(tokens) - 1))
         if not tokens:
             return
+        # int64 also when no row is sampled (a step of prompt chunks only): an empty np.array is float64
         logits = forward(self.model, self.state, np.array(tokens), np.array(positions), np.array(slots),
-                         np.array([row for _, row in sampled]))
+                         np.array([row for _, row in sampled], dtype=np.int64))
         for s, slot in enumerate(self.slots):
             self.state.lengths[s] = len(slot.tokens)
         for i, (request, _) in enumerate(sampled):

@@ -224,3 +224,13 @@ def test_generate_batch_returns_texts_and_finish_reasons(tiny_files):
     assert [reason for _, reason in out] == ["length", "length"]
     assert [text for text, _ in out] == ["".join(model.generate(p, max_tokens=3, temperature=0.0))
                                          for p in ([1, 2, 3], [4, 5])]
+
+
+def test_a_prompt_longer_than_a_step_runs_alone(tiny_files):
+    # steps that only feed a prompt chunk sample no row: that used to crash the engine (float64 empty index)
+    model = llama31.Model(tiny_files["f32"], backend="numpy", ctx=64, prefill_chunk=8)
+    engine = llama31.Engine(model, parallel=2, max_queue=None)
+    request = engine.submit(PROMPTS[1], llama31.Sampler(temperature=0.0), 4)  # 40 tokens: 5 prompt-only steps
+    while engine.busy_slots or engine.queued:
+        engine.step()
+    assert [s.token for s in request.steps()] == alone(model, PROMPTS[1], 4)
