@@ -584,7 +584,7 @@ class Service:
         out = OutputText(self.tok, job.stop, hold_calls=bool(job.tool_names), prefill=job.prefill)
         steps = 0
         try:
-            for step in _steps(request, alive):
+            for step in self._steps(request, alive):
                 steps += 1
                 text = out.push(step)
                 logprobs = out.new_logprobs(len(out.sent))
@@ -608,6 +608,23 @@ class Service:
                  "total_tokens": len(job.prompt_ids) + steps,
                  "prompt_tokens_details": {"cached_tokens": request.cached_tokens}}
         yield Outcome(finish, calls, usage)
+
+    def _steps(self, request, alive):
+        """request.steps(), checking the client and the engine also while no step comes (queued, prefill)."""
+        while True:
+            try:
+                yield from request.steps(timeout=POLL_SECONDS)
+                return
+            except queue.Empty:
+                if not alive():
+                    raise ClientGone() from None
+                if not self.engine_running():
+                    raise APIError(500, "the engine stopped (its error is in the server's log); restart the "
+                                        "server", type="server_error") from None
+
+    def engine_running(self) -> bool:
+        thread = getattr(self.engine, "thread", None)  # None: not started (a caller steps it)
+        return thread is None or thread.is_alive()
 
     def complete(self, kind: str, body, alive=lambda: True) -> dict:
         """A whole non-streamed response body; raises APIError."""
@@ -683,17 +700,6 @@ class Service:
         return self._piece(token).decode("utf-8", errors="replace")
 
 
-def _steps(request, alive):
-    """request.steps(), checking alive() also while no step comes (queued, or a long prefill)."""
-    while True:
-        try:
-            yield from request.steps(timeout=POLL_SECONDS)
-            return
-        except queue.Empty:
-            if not alive():
-                raise ClientGone() from None
-
-
 def _token_entry(piece: bytes) -> dict:
     return {"token": piece.decode("utf-8", errors="replace"), "bytes": list(piece)}
 
@@ -731,8 +737,10 @@ class Handler(BaseHTTPRequestHandler):
                 raise APIError(405 if known else 404, f"{method} {path}: " + (
                     "method not allowed" if known else f"unknown path; try {', '.join(p for _, p in ROUTES)}"))
             if route == "health":
-                self._send_json(200, {"status": "ok", "slots_busy": service.engine.busy_slots,
-                                      "slots": service.engine.parallel, "queued": service.engine.queued})
+                running = service.engine_running()
+                self._send_json(200 if running else 503, {
+                    "status": "ok" if running else "engine stopped", "slots_busy": service.engine.busy_slots,
+                    "slots": service.engine.parallel, "queued": service.engine.queued})
             elif route == "models":
                 self._send_json(200, {"object": "list", "data": [
                     {"id": service.model_id, "object": "model", "created": 0, "owned_by": "llama31",

