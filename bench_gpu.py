@@ -2,6 +2,7 @@
 
     python bench_gpu.py                                  # the README table: q8_0, q4_0, bf16; ctx 512 and 32K
     python bench_gpu.py --kinds q8_0 --contexts 512 --layers 4 --no-torch    # a quick look
+    python bench_gpu.py --time-limit 150    # what fits in 150 s (tests/gpu_check.py runs it so)
 
 Weights are random numbers made on the GPU directly in their stored kind (no file, no conversion); the KV
 cache is filled with random values too, as timing on zeros can flatter. One table is printed:
@@ -45,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=32, help="transformer layers (default 32, as Llama 3.1 8B)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     p.add_argument("--no-compile", action="store_true", help="run the PyTorch peer without torch.compile")
+    p.add_argument("--time-limit", type=float, default=0.0, help="seconds after which no new measurement starts; "
+                   "the table shows what was measured and names what was skipped (default 0 = no limit)")
     args = p.parse_args(argv)
     args.kinds = args.kinds.split(",")
     args.contexts = [int(c) for c in args.contexts.split(",")]
@@ -53,7 +56,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown kinds {bad}; choose from f32, f16, bf16, q8_0, q4_0")
     if min(args.contexts) <= args.steps or args.prefill < 1 or args.layers < 1:
         p.error("contexts must exceed --steps, --prefill and --layers must be positive")
+    if args.time_limit < 0:
+        p.error(f"--time-limit must be 0 (no limit) or positive, got {args.time_limit}")
+    args.deadline = time.perf_counter() + args.time_limit if args.time_limit else float("inf")
     return args
+
+
+def out_of_time(args) -> bool:
+    return time.perf_counter() > args.deadline
 
 
 # -----------------------------------------------------------------------------
@@ -205,6 +215,8 @@ def torch_decode_rates(cfg: llama31.Config, contexts, args) -> tuple[dict, str]:
     emb, out_w, norm = rnd(V, D), rnd(V, D), torch.ones(D, device=dev, dtype=bf16)
     rates, how = {}, "eager"
     for ctx in contexts:
+        if out_of_time(args):
+            break
         cache_k = torch.randn(L, 1, KV, ctx, Dh, device=dev, dtype=bf16)
         cache_v = torch.randn(L, 1, KV, ctx, Dh, device=dev, dtype=bf16)
         cos, sin = (torch.from_numpy(t).to(dev) for t in llama31.rope_tables(cfg, ctx))
@@ -272,24 +284,39 @@ def main(argv=None) -> int:
     device = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     bandwidth = copy_bandwidth(args.rounds)
     gemm = bf16_gemm_flops(args.rounds)
-    rows, prefill = [], {}
+    rows, prefill, skipped = [], {}, []
     for kind in args.kinds:
+        if out_of_time(args):
+            skipped.append(kind)
+            continue
         model = random_model(cfg, kind, max(max(args.contexts), args.prefill))
         for ctx in args.contexts:
+            if out_of_time(args):
+                skipped.append(f"{kind} decode at {ctx}")
+                continue
             rate, how = decode_rate(model, ctx, args)
             weight_bytes, kv_bytes = decode_bytes(model, ctx)
             rows.append((kind, ctx, rate, bandwidth / weight_bytes, bandwidth / (weight_bytes + kv_bytes), how))
+            # one line as each figure comes, so a run stopped from outside still leaves what it measured
+            print(f"measured {kind} decode at {ctx}: {rate:.1f} tok/s", file=sys.stderr, flush=True)
             cupy.get_default_memory_pool().free_all_blocks()  # the run state of this context
-        prefill[kind] = prefill_rate(model, args)
+        if out_of_time(args):
+            skipped.append(f"{kind} prefill")
+        else:
+            prefill[kind] = prefill_rate(model, args)
+            print(f"measured {kind} prefill: {prefill[kind][0]:.0f} tok/s", file=sys.stderr, flush=True)
         del model
         cupy.get_default_memory_pool().free_all_blocks()
     peer, peer_how = {}, "not run"
-    if not args.no_torch:
+    if not args.no_torch and out_of_time(args):
+        peer_how = "skipped: time limit"
+    elif not args.no_torch:
         try:
             import torch
 
             if torch.cuda.is_available():
                 peer, peer_how = torch_decode_rates(cfg, args.contexts, args)
+                skipped += [f"torch at {ctx}" for ctx in args.contexts if ctx not in peer]
             else:
                 peer_how = "torch has no CUDA here"
         except ImportError:
@@ -309,6 +336,8 @@ def main(argv=None) -> int:
     for kind, (tok_s, flops) in prefill.items():
         print(f"prefill {args.prefill} tokens, {kind}: {tok_s:.0f} tok/s = {flops / 1e12:.0f} TFLOP/s = "
               f"{100 * flops / gemm:.0f}% of the bf16 GEMM rate")
+    if skipped:
+        print(f"time limit {args.time_limit:.0f} s reached: skipped {', '.join(skipped)}")
     return 0
 
 

@@ -810,10 +810,13 @@ class Request:
                  logprobs: int | None):
         self.prompt, self.sampler, self.max_tokens = prompt, sampler, max_tokens
         self.stop_ids, self.logprobs = stop_ids, logprobs
-        self.finish_reason = None  # "stop" (a stop token, not yielded), "length" (max_tokens or context), "cancelled"
+        # "stop" (a stop token, not yielded), "length" (max_tokens or context full), "cancelled", "error"
+        self.finish_reason = None
         self.cached_tokens = 0  # prompt tokens found in a slot's cache: not prefilled again
         self.completion_tokens = 0
         self.slot = None  # the engine's slot index while running
+        self.admitted = 0  # its turn in the engine's admissions: prompts are prefilled first come, first served
+        self.error = None  # what went wrong, when finish_reason is "error"
         self.fed = 0  # prompt tokens in the slot's cache so far
         self.pending = None  # the last sampled token, fed at the next step
         self.recent = list(prompt[-REPEAT_WINDOW:])  # what the repetition penalty looks at
@@ -858,7 +861,7 @@ class Engine:
         self.state = model.new_state(n_slots=parallel)
         self.slots = [Slot([]) for _ in range(parallel)]
         self.waiting = collections.deque()
-        self.steps_done = 0
+        self.steps_done, self.admissions = 0, 0
         self.lock = threading.Condition()
         self.thread, self.closing = None, False
 
@@ -892,6 +895,8 @@ class Engine:
             stop_ids = self.model.tokenizer.eos_ids if self.model.tokenizer is not None else set()
         request = Request(prompt, sampler, max_tokens, set(stop_ids), logprobs)
         with self.lock:
+            if self.closing:
+                raise RuntimeError("the engine is closed")
             # requests wait for the next step even when a slot is free: those don't count against max_queue
             free = sum(slot.request is None for slot in self.slots)
             if self.max_queue is not None and len(self.waiting) >= self.max_queue + free:
@@ -923,7 +928,15 @@ class Engine:
                     self.lock.wait()
                 if self.closing:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a failed step must not strand its requests' readers: they end "error"
+                print(f"error: llama31 engine step failed: {e!r}", file=sys.stderr)
+                for slot in self.slots:
+                    if slot.request is not None:
+                        slot.request.error = repr(e)
+                        self._release(slot, "error")
+                        slot.tokens.clear()  # the cache may hold half-written rows
 
     def step(self):
         """One scheduler turn: drop cancelled requests, admit waiting ones into free slots, run one forward
@@ -943,11 +956,15 @@ class Engine:
                 slots.append(s)
                 slot.tokens.append(request.pending)
                 sampled.append((request, len(tokens) - 1))
-        budget = self.model.prefill_chunk - len(tokens) if not tokens else self.mixed_prefill_rows
-        for s, slot in enumerate(self.slots):  # prompt rows, oldest slots first, within the budget
-            request = slot.request
-            if request is None or request.fed == len(request.prompt) or budget <= 0:
-                continue
+        budget = self.model.prefill_chunk - len(tokens)  # rows a call takes
+        if tokens:
+            budget = min(budget, self.mixed_prefill_rows)
+        prefilling = sorted((slot.request.admitted, s) for s, slot in enumerate(self.slots)
+                            if slot.request is not None and slot.request.fed < len(slot.request.prompt))
+        for _, s in prefilling:  # prompt rows, first admitted first, within the budget
+            slot, request = self.slots[s], self.slots[s].request
+            if budget <= 0:
+                break
             chunk = request.prompt[request.fed:request.fed + budget]
             tokens += chunk
             positions += range(len(slot.tokens), len(slot.tokens) + len(chunk))
@@ -977,7 +994,8 @@ class Engine:
         # keep the shared prefix, but feed at least the last prompt token: its logits give the first new token
         reuse = min(shared[s], len(request.prompt) - 1)
         del slot.tokens[reuse:]
-        slot.request, request.slot = request, s
+        self.admissions += 1
+        slot.request, request.slot, request.admitted = request, s, self.admissions
         request.cached_tokens = request.fed = reuse
 
     def _emit(self, request: Request, logits):

@@ -234,3 +234,37 @@ def test_a_prompt_longer_than_a_step_runs_alone(tiny_files):
     while engine.busy_slots or engine.queued:
         engine.step()
     assert [s.token for s in request.steps()] == alone(model, PROMPTS[1], 4)
+
+
+def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(tiny_files, monkeypatch):
+    model = llama31.load(tiny_files["f32"], backend="numpy", ctx=64)
+    engine = llama31.Engine(model, parallel=2)
+    real_forward = llama31.forward
+    calls = []
+
+    def failing_once(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("out of memory in a test")
+        return real_forward(*args)
+    monkeypatch.setattr(llama31, "forward", failing_once)
+    engine.start()
+    try:
+        broken = engine.submit([1, 2, 3], llama31.Sampler(temperature=0.0), 5)
+        assert len(list(broken.steps(timeout=60))) == 1
+        assert broken.finish_reason == "error" and "out of memory" in broken.error
+        after = engine.submit([1, 2, 3], llama31.Sampler(temperature=0.0), 5)
+        assert len(list(after.steps(timeout=60))) == 5 and after.finish_reason == "length"
+    finally:
+        engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit([1], llama31.Sampler(), 1)
+
+
+def test_more_decode_rows_than_the_mixed_budget_fit_one_call(tiny_files):
+    """parallel slots all decoding plus a new prompt never exceed the rows a forward call takes"""
+    model = llama31.Model(tiny_files["f32"], backend="numpy", ctx=64, prefill_chunk=8)
+    engine = llama31.Engine(model, parallel=6, max_queue=None, mixed_prefill_rows=4)
+    requests = [engine.submit(list(range(1, 4 + i)), llama31.Sampler(temperature=0.0), 6) for i in range(9)]
+    run_all(engine)
+    assert all(r.finish_reason == "length" and r.completion_tokens == 6 for r in requests)
