@@ -577,6 +577,8 @@ class Service:
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
+        except RuntimeError as e:  # the engine is closed: the server is shutting down
+            raise APIError(503, str(e), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
 
     def run(self, job: Job, request, alive=lambda: True):
         """Yield (text, logprobs) deltas, then one Outcome; cancels the request on a stop string or when
@@ -597,6 +599,8 @@ class Service:
         finally:
             if request.finish_reason is None:  # stop string, client gone or an error: free the slot now
                 request.cancel()
+        if request.finish_reason == "error":  # the engine's step failed (its log has the traceback)
+            raise APIError(500, f"generation failed: {request.error}", type="server_error")
         text, calls = out.finish(), []
         if out.holding:  # a call may have started: the held text is a call, or content after all
             rest, calls = parse_tool_calls(out.held, job.tool_names)
@@ -610,7 +614,7 @@ class Service:
         yield Outcome(finish, calls, usage)
 
     def _steps(self, request, alive):
-        """request.steps(), checking the client and the engine also while no step comes (queued, prefill)."""
+        """request.steps(), checking the client also while no step comes (queued, or a long prefill)."""
         while True:
             try:
                 yield from request.steps(timeout=POLL_SECONDS)
@@ -618,13 +622,6 @@ class Service:
             except queue.Empty:
                 if not alive():
                     raise ClientGone() from None
-                if not self.engine_running():
-                    raise APIError(500, "the engine stopped (its error is in the server's log); restart the "
-                                        "server", type="server_error") from None
-
-    def engine_running(self) -> bool:
-        thread = getattr(self.engine, "thread", None)  # None: not started (a caller steps it)
-        return thread is None or thread.is_alive()
 
     def complete(self, kind: str, body, alive=lambda: True) -> dict:
         """A whole non-streamed response body; raises APIError."""
@@ -737,10 +734,8 @@ class Handler(BaseHTTPRequestHandler):
                 raise APIError(405 if known else 404, f"{method} {path}: " + (
                     "method not allowed" if known else f"unknown path; try {', '.join(p for _, p in ROUTES)}"))
             if route == "health":
-                running = service.engine_running()
-                self._send_json(200 if running else 503, {
-                    "status": "ok" if running else "engine stopped", "slots_busy": service.engine.busy_slots,
-                    "slots": service.engine.parallel, "queued": service.engine.queued})
+                self._send_json(200, {"status": "ok", "slots_busy": service.engine.busy_slots,
+                                      "slots": service.engine.parallel, "queued": service.engine.queued})
             elif route == "models":
                 self._send_json(200, {"object": "list", "data": [
                     {"id": service.model_id, "object": "model", "created": 0, "owned_by": "llama31",

@@ -810,17 +810,19 @@ def test_batch_job_resumes(tmp_path, capsys):
             assert r["response"]["choices"][0][key] == first["response"]["choices"][0][key]
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected failure
-def test_a_dead_engine_gets_500_not_a_hang(smol_model):
-    server, thread, url = start(smol_model, parallel=1, model_id="smollm2")
-    try:
-        def broken_step():
-            raise RuntimeError("injected failure")
+def test_a_failing_engine_step_gets_500_and_the_server_goes_on(smol_server, monkeypatch, capfd):
+    def broken_forward(*args):
+        raise RuntimeError("injected failure")
 
-        server.service.engine.step = broken_step  # the scheduler thread dies at its next turn
-        status, error = error_of(http(url, "POST", "/v1/completions", body={"prompt": "Hi", "max_tokens": 2}))
-        assert status == 500 and "engine stopped" in error["message"]
-        assert http(url, "GET", "/health")[0] == 503
-    finally:
-        server.close()
-        thread.join(timeout=10)
+    smol = smol_server[1]
+    monkeypatch.setattr(llama31, "forward", broken_forward)  # every engine step fails in its forward pass
+    for stream in (False, True):
+        status, _, body = http(smol, "POST", "/v1/completions", body={"prompt": "Hi", "max_tokens": 2,
+                                                                      "stream": stream})
+        if stream:  # the stream had started: the error comes as an event, then [DONE]
+            events = [json.loads(line[6:]) for line in body.split(b"\n\n") if line.startswith(b"data: {")]
+            assert status == 200 and "injected failure" in events[-1]["error"]["message"]
+        else:
+            assert status == 500 and "injected failure" in json.loads(body)["error"]["message"]
+    monkeypatch.undo()
+    assert_still_serving(smol)
