@@ -317,6 +317,8 @@ def main(argv=None) -> int:
                 results[engine]["prefill"] = prefill_scenario(port, prompts, args)
         finally:
             stop_server(proc)
+        with open(os.path.join(workdir, "bench_serve.json"), "w") as f:  # kept if a later engine fails
+            json.dump({"args": vars(args), "results": results}, f, indent=1, default=float)
     cli = cli_decode_rate(files[1], args)
     print(report(args, files, levels, results, cli))
     return 0
