@@ -787,7 +787,9 @@ class Handler(BaseHTTPRequestHandler):
                     self._send_event(chunk)
             except (OSError, ClientGone):
                 raise
-            except Exception as e:  # after the headers an error can only be an event (vLLM's framing)
+            except APIError as e:  # after the headers an error can only be an event (vLLM's framing)
+                self._send_event(e.body())
+            except Exception as e:
                 self.log_error("internal error on %s: %r", self.path, e)
                 self._send_event(APIError(500, f"internal error: {e!r}", type="server_error").body())
             self.wfile.write(b"data: [DONE]\n\n")
