@@ -65,10 +65,12 @@ def peak_rss_mb() -> float:
 def run_ours(args) -> dict:
     import numba
 
+    import kernels
     import llama31
 
     numba.set_num_threads(args.threads)
-    model = llama31.load(args.file, backend=args.backend, ctx=args.prompt + args.gen + 1)
+    with kernels.numba_compiles() as compiled:  # first run: what compiling each kernel takes
+        model = llama31.load(args.file, backend=args.backend, ctx=args.prompt + args.gen + 1)
     ids = prompt_ids(model.config.vocab_size, args.prompt)
     best = {}
     for rep in range(args.repeats):
@@ -89,12 +91,23 @@ def run_ours(args) -> dict:
     best["weight_bytes_per_token"] = sum(a.nbytes for t in read for a in (t if isinstance(t, tuple) else (t,))
                                          if a is not None)
     best["backend"] = model.backend
+    best["compile_s"] = compiled
     return best
 
 
 def run_llamacpp(args) -> dict:
     import llama_cpp
 
+    if args.quant == "q8_0":
+        # llama.cpp's AMX kernels die of SIGSEGV on the AMX Xeons this was measured on; for Q8_0 on x86 they
+        # are its only extra buffer type (its repacked layouts are for Q4_0 or ARM), so only they go
+        default_params = llama_cpp.llama_cpp.llama_model_default_params  # what llama_cpp.Llama calls
+
+        def without_extra_buffers():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+        llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
     llm = llama_cpp.Llama(model_path=args.file, n_threads=args.threads, n_threads_batch=args.threads,
                           n_batch=args.prompt, n_ubatch=args.prompt, n_ctx=args.prompt + args.gen + 1,
                           verbose=False)
@@ -159,7 +172,7 @@ def spawn(engine: str, file: str, args, env: dict | None = None) -> dict:
     """Run one engine in a fresh Python process and return its RESULT."""
     cmd = [sys.executable, os.path.abspath(__file__), "--engine", engine, "--file", file, "--threads",
            str(args.threads), "--prompt", str(args.prompt), "--gen", str(args.gen), "--repeats",
-           str(args.repeats), "--backend", args.backend, "--spawned", repr(time.time())]
+           str(args.repeats), "--backend", args.backend, "--quant", args.quant, "--spawned", repr(time.time())]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -406,6 +419,9 @@ def report(args, model: str, ours_file: str, first: dict, rows: dict, bandwidth:
     lines.append("")
     lines.append(f"llama31 first run (empty JIT cache, compiling every kernel): time to first token "
                  f"{first['ttft_s']:.2f} s; second run {ours['ttft_s']:.2f} s")
+    compiled = sorted(first["compile_s"].items(), key=lambda kv: -kv[1])
+    lines.append(f"first run's compile: {sum(first['compile_s'].values()):.1f} s: "
+                 + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in compiled))
     for name, r in rows.items():
         if r is not ours:
             lines.append(f"llama31 / {name}: decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, "

@@ -108,6 +108,7 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -328,9 +329,20 @@ def _zip_data_offset(f, info: zipfile.ZipInfo, path: str) -> int:
 
 def read_pth(path: str) -> dict:
     """The tensors of one torch.save'd state dict, as lazy memory-mapped arrays; torch is not imported."""
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a zip file: either truncated, or torch's legacy (pre-1.6) format; "
-                         f"re-save it with a current torch.save")
+    # zipfile raises its own errors and builtin ones (RuntimeError: encrypted) on damaged archives, is_zipfile too
+    try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path}: not a zip file: either truncated, or torch's legacy (pre-1.6) format; "
+                             f"re-save it with a current torch.save")
+        return _read_pth_zip(path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError,
+            zlib.error) as e:
+        raise ValueError(f"{path}: corrupt zip archive ({type(e).__name__}: {e}); re-save it with "
+                         f"torch.save") from None
+
+
+def _read_pth_zip(path: str) -> dict:
+    """read_pth's reading of the archive: the pickle, then where each tensor's storage starts."""
     with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
         pickles = [n for n in zf.namelist() if n.endswith("data.pkl")]
         if len(pickles) != 1:
@@ -746,7 +758,7 @@ def read_gguf(path: str) -> tuple[dict, dict]:
         for _ in range(n_tensors):
             name = r.string()
             n_dims = r.take("<I")
-            if n_dims > 4:
+            if not 1 <= n_dims <= 4:
                 raise ValueError(f"{path}: tensor {name} has {n_dims} dimensions: corrupt GGUF")
             dims = [r.take("<Q") for _ in range(n_dims)]
             infos.append((name, dims, r.take("<I"), r.take("<Q")))

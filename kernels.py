@@ -39,6 +39,7 @@ op name to OPS; add a test in tests/test_kernels.py against <op>_ref with sizes 
 and a call to _check_calls for `python kernels.py`, which checks every op of every backend here at once.
 """
 
+import contextlib
 import sys
 import time
 import types
@@ -2080,6 +2081,41 @@ def set_threads(n: int):
     if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
         raise ValueError(f"threads must be in 1..{numba.config.NUMBA_NUM_THREADS} on this machine, got {n}")
     numba.set_num_threads(n)
+
+
+if numba is not None:
+    from numba.core import event as numba_event
+
+    class _CompileListener(numba_event.Listener):
+        """Adds the seconds of each compile to seconds[kernel name]; what a kernel calls (other kernels,
+        numba's own helpers) compiles inside that compile and counts in its time."""
+
+        def __init__(self, seconds: dict, on_first):
+            self.seconds, self.on_first, self.starts = seconds, on_first, []
+
+        def on_start(self, event):
+            if self.on_first is not None:
+                self.on_first()
+                self.on_first = None
+            self.starts.append(time.perf_counter())
+
+        def on_end(self, event):
+            start = self.starts.pop()
+            if not self.starts:
+                name = event.data["dispatcher"].py_func.__name__
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def numba_compiles(on_first=None):
+    """Within the block, the numba kernels that compile (loading one from numba's disk cache is no compile):
+    yields a dict kernel name -> seconds, filled as compiles end; on_first() runs as the first one begins."""
+    seconds = {}
+    if numba is None:
+        yield seconds
+        return
+    with numba_event.install_listener("numba:compile", _CompileListener(seconds, on_first)):
+        yield seconds
 
 
 # -----------------------------------------------------------------------------

