@@ -983,7 +983,9 @@ class Engine:
         with self.lock:
             if self.closing:
                 raise RuntimeError("the engine is closed")
-            if self.max_queue is not None and len(self.waiting) >= self.max_queue:
+            # requests wait for the next step even when a slot is free: those don't count against max_queue
+            free = sum(slot.request is None for slot in self.slots)
+            if self.max_queue is not None and len(self.waiting) >= self.max_queue + free:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot already; try again later")
             self.waiting.append(request)
             self.lock.notify()
@@ -1060,8 +1062,9 @@ class Engine:
                 sampled.append((request, len(tokens) - 1))
         if not tokens:
             return
+        # int64 also when no row is sampled (a step of prompt chunks only): an empty np.array is float64
         logits = forward(self.model, self.state, np.array(tokens), np.array(positions), np.array(slots),
-                         np.array([row for _, row in sampled]))
+                         np.array([row for _, row in sampled], dtype=np.int64))
         for s, slot in enumerate(self.slots):
             self.state.lengths[s] = len(slot.tokens)
         for i, (request, _) in enumerate(sampled):
@@ -1227,6 +1230,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="plain completion: no chat template for instruct models")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat in the terminal")
     p.add_argument("--system", help="system prompt for the chat template")
+    p.add_argument("--serve", action="store_true", help="OpenAI-compatible HTTP server (serve.py): "
+                   "/v1/chat/completions, /v1/completions, /v1/models, /health; sampling flags are its defaults")
+    p.add_argument("--host", default="127.0.0.1", help="--serve: address to bind (default 127.0.0.1: this machine)")
+    p.add_argument("--port", type=int, default=8080, help="--serve: TCP port, 0..65535 (default 8080)")
+    p.add_argument("--parallel", type=int, default=4,
+                   help="--serve/--batch: sequences decoded at once, each with a KV cache of --ctx, >= 1 (default 4)")
+    p.add_argument("--batch", metavar="REQUESTS_JSONL",
+                   help="offline batch job: one API request per line with an \"id\"; needs --out")
+    p.add_argument("--out", metavar="RESULTS_JSONL",
+                   help="--batch: results, one line per id, appended as they finish; a rerun skips done ids")
     return p
 
 
@@ -1235,8 +1248,16 @@ SAMPLING_FLAGS = {"temperature": "temperature", "top_k": "top-k", "top_p": "top-
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    if args.prompt is None and not args.chat:
-        parser.error("give a prompt, or --chat for an interactive chat")
+    if args.prompt is None and not (args.chat or args.serve or args.batch):
+        parser.error("give a prompt, or --chat for an interactive chat, --serve or --batch")
+    if sum(map(bool, (args.prompt is not None, args.chat, args.serve, args.batch))) > 1:
+        parser.error("give one of: a prompt, --chat, --serve, --batch")
+    if bool(args.batch) != bool(args.out):
+        parser.error("--batch and --out go together")
+    if args.parallel < 1:
+        parser.error(f"--parallel must be >= 1, got {args.parallel}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
     if args.max_tokens < 0:
         parser.error(f"--max-tokens must be >= 0, got {args.max_tokens}")
     for name, flag in SAMPLING_FLAGS.items():
@@ -1279,6 +1300,10 @@ def main(argv=None) -> int:
         sampler_args = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repetition_penalty=args.repeat_penalty, seed=args.seed)
         max_tokens = args.max_tokens or None
+        if args.serve or args.batch:
+            import serve  # the HTTP server and batch jobs are an application of the engine, loaded only here
+
+            return serve.run_cli(model, args)
         if args.chat:
             chat(model, Sampler(**sampler_args), system=args.system, max_tokens=max_tokens)
             return 0

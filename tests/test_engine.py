@@ -185,7 +185,7 @@ def test_submit_rejects_bad_arguments(tiny_files, args, message):
 
 def test_a_full_queue_refuses_and_a_threaded_engine_serves_the_rest(tiny_files):
     model = llama31.load(tiny_files["f32"], backend="numpy", ctx=64)
-    engine = llama31.Engine(model, parallel=2, max_queue=3)
+    engine = llama31.Engine(model, parallel=2, max_queue=1)  # room for 2 (the free slots) + 1 waiting
     requests = [engine.submit(p, llama31.Sampler(temperature=0.0), 4) for p in PROMPTS[:3]]
     with pytest.raises(llama31.QueueFull):
         engine.submit([1], llama31.Sampler(), 4)
@@ -224,6 +224,16 @@ def test_generate_batch_returns_texts_and_finish_reasons(tiny_files):
     assert [reason for _, reason in out] == ["length", "length"]
     assert [text for text, _ in out] == ["".join(model.generate(p, max_tokens=3, temperature=0.0))
                                          for p in ([1, 2, 3], [4, 5])]
+
+
+def test_a_prompt_longer_than_a_step_runs_alone(tiny_files):
+    # steps that only feed a prompt chunk sample no row: that used to crash the engine (float64 empty index)
+    model = llama31.Model(tiny_files["f32"], backend="numpy", ctx=64, prefill_chunk=8)
+    engine = llama31.Engine(model, parallel=2, max_queue=None)
+    request = engine.submit(PROMPTS[1], llama31.Sampler(temperature=0.0), 4)  # 40 tokens: 5 prompt-only steps
+    while engine.busy_slots or engine.queued:
+        engine.step()
+    assert [s.token for s in request.steps()] == alone(model, PROMPTS[1], 4)
 
 
 def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(tiny_files, monkeypatch):
