@@ -4,6 +4,7 @@
     python bench.py --quant q4_0 --vs-llamacpp --vs-torch
     python bench.py --model random:llama-3.2-1b --vs-llamacpp   # random weights of a real shape
     python bench.py --model some.gguf --quant q8_0 --threads 4 --vs-llamacpp
+    python bench.py --quant q4_0 --vs-llamacpp --llama-bench ~/llama.cpp/build/bin/llama-bench
     python bench.py --matmul q8_0,q4_0,f16                 # one matmul call by T, at real models' shapes
 
 What is measured, per engine, each in a fresh subprocess (so peak RSS and JIT compilation are its own):
@@ -23,7 +24,10 @@ blocks, a placeholder vocabulary) and converted the same way, so llama.cpp runs 
 compared with the memory-bandwidth bound: weight bytes read per token divided by the read bandwidth measured
 here (a numba parallel sum over 1 GiB, best of 5). Files are kept in --workdir (default: llama31's cache
 folder, under bench/). llama.cpp builds for CPUs with AMX route Q8_0/Q4_0 through it; where that crashes (it
-does in some virtual machines), the run is repeated without llama.cpp's extra buffer types and says so.
+does in some virtual machines), the run is repeated without llama.cpp's extra buffer types and says so; then
+--llama-bench runs a llama-bench binary built from source (with the CPU's AMX compiled out, say) on the same
+GGUF, with its extra buffer types (Q4_0's repacked layout) on: prefill from an empty context, decode after
+the prompt's depth.
 
 --matmul times one kernels.matmul_numba call (best of several) at Llama-3.2-1B's and SmolLM2-135M's matrix
 shapes for T = 1, 2, 4, 8 and 128 tokens: what batched decode (T rows for the price of ~one) and prefill cost,
@@ -198,6 +202,20 @@ def spawn_llamacpp(gguf: str, args) -> tuple[str, dict]:
         print(f"{e}\nbench: llama.cpp died of a signal; running it again without its extra buffer types (AMX, "
               f"CPU_REPACK): use_extra_bufts = False", file=sys.stderr)
         return "llama.cpp (no extra buffer types)", spawn("llamacpp", gguf, args, extra=("--no-extra-bufts",))
+
+
+def run_llama_bench(binary: str, gguf: str, args) -> dict:
+    """llama.cpp's own llama-bench binary (a native build) on the same GGUF: prefill of the prompt from an empty
+    context, decode after the prompt's depth of context, as llama31 is measured; no TTFT or RSS from it."""
+    def rate(*flags):
+        cmd = [binary, "-m", gguf, "-t", str(args.threads), "-r", str(args.repeats), "-o", "json", *flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"bench: {' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        return json.loads(proc.stdout)[0]["avg_ts"]
+    return dict(prefill_tok_s=rate("-p", str(args.prompt), "-n", "0"),
+                decode_tok_s=rate("-p", "0", "-n", str(args.gen), "-d", str(args.prompt)),
+                ttft_s=None, peak_rss_mb=None)
 
 
 # -----------------------------------------------------------------------------
@@ -467,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="numba", help="llama31 backend: numba (default), numpy or cupy")
     p.add_argument("--vs-llamacpp", action="store_true", help="also run llama.cpp (llama-cpp-python)")
     p.add_argument("--vs-torch", action="store_true", help="also run transformers in float32")
+    p.add_argument("--llama-bench", metavar="PATH", help="also run this llama-bench binary (llama.cpp built from "
+                   "source, e.g. the llama-cpp-python sdist's vendor/llama.cpp) on the same GGUF")
     p.add_argument("--workdir", help="where requantized and generated models are kept "
                    "(default: llama31's cache folder + /bench)")
     p.add_argument("--matmul", metavar="KINDS", help="instead: time one matmul call by T for these weight kinds, "
@@ -530,6 +550,8 @@ def main(argv=None) -> int:
     if gguf and args.vs_llamacpp:
         name, result = spawn_llamacpp(gguf, args)
         rows[name] = result
+    if gguf and args.llama_bench:
+        rows["llama.cpp llama-bench (native build)"] = run_llama_bench(args.llama_bench, gguf, args)
     if gguf and args.vs_torch:
         rows["transformers f32"] = spawn("torch", gguf, args)
     bandwidth = read_bandwidth_gbs(args.threads)
@@ -547,8 +569,8 @@ def report(args, model: str, ours_file: str, first: dict, rows: dict, bandwidth:
              "| engine | prefill tok/s | decode tok/s | time to first token s | peak RSS MB |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['ttft_s']:.2f} | "
-                     f"{r['peak_rss_mb']:.0f} |")
+        ttft, rss = ("-" if r[k] is None else f"{r[k]:{spec}}" for k, spec in (("ttft_s", ".2f"), ("peak_rss_mb", ".0f")))
+        lines.append(f"| {name} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {ttft} | {rss} |")
     lines.append("")
     lines.append(f"llama31 first run (empty JIT cache, compiling every kernel): time to first token "
                  f"{first['ttft_s']:.2f} s; second run {ours['ttft_s']:.2f} s")
