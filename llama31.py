@@ -1113,12 +1113,15 @@ def perplexity(model: Model, tokens, ctx: int = 512, bos_id: int | None = None, 
                progress=None) -> dict:
     """llama-perplexity's figures for a text's tokens (tokenized once, BOS as the tokenizer adds it).
 
-    Chunks of ctx tokens (perplexity_chunks), max(1, prefill_chunk // ctx) of them per batch as llama.cpp
+    Chunks of ctx tokens (perplexity_chunks), their first token replaced by bos_id (default: the tokenizer's
+    BOS where it adds one, llama-perplexity's rule), max(1, prefill_chunk // ctx) of them per batch as llama.cpp
     does (n_batch // n_ctx sequences), each scored on positions ctx/2..ctx-2 predicting the next token:
     nll = logsumexp(logits) - logits[target] in float64. progress(chunks_done, n_chunks, running perplexity)
     is called after each chunk. Returns ppl, err (ppl * the standard error of the mean nll), n_tokens,
     n_chunks, ctx; with a base model also kld (mean KL(base || model) per token), kld_err, kld_p99 and top1
     (the share of positions where both models' most likely token is the same)."""
+    if bos_id is None and model.tokenizer is not None and model.tokenizer.add_bos:
+        bos_id = model.tokenizer.bos_id
     chunks = perplexity_chunks(tokens, ctx, bos_id)
     models = [model] if base is None else [model, base]
     if base is not None:
@@ -1232,7 +1235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perplexity", metavar="FILE", help="score a UTF-8 text file by llama-perplexity's rule, in "
                    "chunks of --ctx tokens (default 512): a running value per chunk, then the perplexity")
     p.add_argument("--kl-base", metavar="MODEL", help="with --perplexity: also the KL divergence of the model's "
-                   "predictions from this base model's (e.g. the f32 conversion) and how often their top tokens agree")
+                   "predictions from this base model's (e.g. the f32 conversion) and how often their top tokens "
+                   "agree")
     return p
 
 
@@ -1279,9 +1283,8 @@ def print_perplexity(args: argparse.Namespace, backend: str):
         raise ValueError(f"{args.model}: this model file has no tokenizer, and perplexity reads text; convert "
                          f"the checkpoint again with its tokenizer")
     base = None if args.kl_base is None else load(resolve_model(args.kl_base), backend=backend, ctx=ctx)
-    tok = model.tokenizer
-    result = perplexity(model, tok.encode(text), ctx, tok.bos_id if tok.add_bos else None, base,
-                        lambda done, total, ppl: print(f"[{done}/{total}] {ppl:.4f}", file=sys.stderr))
+    result = perplexity(model, model.tokenizer.encode(text), ctx, base=base,
+                        progress=lambda done, total, ppl: print(f"[{done}/{total}] {ppl:.4f}", file=sys.stderr))
     print(f"perplexity: {result['ppl']:.4f} ± {result['err']:.5f} over {result['n_tokens']} tokens "
           f"({result['n_chunks']} chunks of {ctx})")
     if base is not None:

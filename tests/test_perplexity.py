@@ -4,6 +4,7 @@ SmolLM2 against transformers and llama.cpp under the same rule is in test_smollm
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -49,6 +50,8 @@ def test_scoring_rule_on_a_hand_checked_case(tiny_model_file):
     np.testing.assert_allclose(got["err"], ppl * np.sqrt(((nll ** 2).mean() - nll.mean() ** 2) / 5), rtol=1e-5)
     assert [d[:2] for d in done] == [(1, 2), (2, 2)]  # a running value per chunk
     np.testing.assert_allclose([d[2] for d in done], [np.exp(nll[:3].mean()), ppl], rtol=1e-6)
+    model.tokenizer = SimpleNamespace(add_bos=True, bos_id=BOS)  # BOS by default where the tokenizer adds it
+    assert llama31.perplexity(model, tokens, ctx=8)["ppl"] == got["ppl"]
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])

@@ -310,9 +310,9 @@ def test_perplexity_refuses_a_base_with_another_vocabulary(ours, tiny_model_file
 
 def test_q8_0_kv_cache_close_to_f16(converted, prose):
     """q8_0 keys and values against f16 on the q8_0 weights: no logit of a 1024-token prompt moves by
-    Q8_0_CACHE_LOGIT_BOUND or more (llama.cpp's q8_0 cache moves SmolLM2's by up to 1.8 on this text, median 0.67); greedy tokens
-    are the same for at least 8 tokens of each prompt and part, if at all, where f16's choice leads q8_0's by
-    less than twice the bound; perplexity at most 0.5% higher."""
+    Q8_0_CACHE_LOGIT_BOUND or more (llama.cpp's q8_0 cache moves SmolLM2's by up to 1.8 on this text, median
+    0.67); greedy tokens are the same for at least 8 tokens of each prompt and part, if at all, where f16's
+    choice leads q8_0's by less than twice the bound; perplexity at most 0.5% higher."""
     cache = {kind: llama31.load(converted["q8_0"], cache_type=kind) for kind in ("f16", "q8_0")}
     ids = cache["f16"].tokenizer.encode(prose)[:1024]
     f16, q8 = (cache[kind].logits(ids) for kind in ("f16", "q8_0"))
