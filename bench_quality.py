@@ -49,8 +49,8 @@ GGML_TYPES = {"f16": 1, "q8_0": 8}  # ggml_type of a llama.cpp KV cache
 # Models: GGUFs made by llama.cpp's quantizer or written from random blocks, and their llama31 copies
 
 
-def quiet_llama_cpp():
-    """llama_cpp with its extra buffer types off (see the module docstring); llama.cpp's logs stay on stderr."""
+def llama_cpp_no_repack():
+    """llama_cpp, with the extra buffer types of every model it loads turned off (see the module docstring)."""
     import llama_cpp
     import llama_cpp.llama_cpp as low
 
@@ -67,7 +67,7 @@ def quiet_llama_cpp():
 
 def requantize(src: str, kind: str, workdir: str) -> str:
     """src requantized by llama.cpp to kind (every matrix; norms stay f32), kept in workdir."""
-    llama_cpp = quiet_llama_cpp()
+    llama_cpp = llama_cpp_no_repack()
     out = os.path.join(workdir, f"{os.path.splitext(os.path.basename(src))[0]}.{kind}.gguf")
     if not os.path.exists(out):
         params = llama_cpp.llama_model_quantize_default_params()
@@ -159,9 +159,8 @@ def ours_perplexity(file: str, text_path: str, cache: str | None, base: str | No
     kernels.set_threads(threads)
     model = llama31.load(file, ctx=CTX, cache_type=cache)
     base_model = None if base is None else llama31.load(base, ctx=CTX)
-    start = time.perf_counter()
-    result = llama31.perplexity(model, model.tokenizer.encode(llama31.read_text(text_path)), CTX, None, base_model)
-    return dict(result, cache=model.cache_type, seconds=time.perf_counter() - start)
+    result = llama31.perplexity(model, model.tokenizer.encode(llama31.read_text(text_path)), CTX, base=base_model)
+    return dict(result, cache=model.cache_type)
 
 
 def llamacpp_perplexity(gguf: str, text_path: str, cache: str | None, tools: str | None, threads: int) -> dict:
@@ -176,7 +175,7 @@ def llamacpp_perplexity(gguf: str, text_path: str, cache: str | None, tools: str
         return dict(ppl=float(found[1]), err=float(found[2]), how="llama-perplexity")
     import llama31
 
-    llama_cpp = quiet_llama_cpp()
+    llama_cpp = llama_cpp_no_repack()
     kv = {} if cache is None else dict(flash_attn=True, type_k=GGML_TYPES[cache], type_v=GGML_TYPES[cache])
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, logits_all=True,
                           n_threads=threads, n_threads_batch=threads, verbose=False, **kv)
@@ -280,7 +279,7 @@ def repeated_state(low, ctx, depth: int) -> bytes:
 
 
 def llamacpp_decode(gguf: str, depth: int, cache: str, gen: int, threads: int) -> dict:
-    llama_cpp = quiet_llama_cpp()
+    llama_cpp = llama_cpp_no_repack()
     low = llama_cpp.llama_cpp
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=depth + gen + 64, n_batch=512, flash_attn=True,
                           type_k=GGML_TYPES[cache], type_v=GGML_TYPES[cache], n_threads=threads,
