@@ -1100,13 +1100,14 @@ def log_softmax64(logits: np.ndarray) -> np.ndarray:
 
 
 def _check_same_vocabulary(model: Model, base: Model):
-    same = model.config.vocab_size == base.config.vocab_size
-    if same and model.tokenizer is not None and base.tokenizer is not None:
-        same = all(model.tokenizer.token_bytes(i) == base.tokenizer.token_bytes(i)
-                   for i in range(model.tokenizer.vocab_size))
-    if not same:
-        raise ValueError(f"--kl-base: the base model's vocabulary ({base.config.vocab_size} tokens) is not this "
-                         f"model's ({model.config.vocab_size}); compare models of one tokenizer")
+    if model.config.vocab_size != base.config.vocab_size:
+        raise ValueError(f"--kl-base: the base model's vocabulary has {base.config.vocab_size} tokens, this "
+                         f"model's {model.config.vocab_size}; compare models of one tokenizer")
+    a, b = model.tokenizer, base.tokenizer
+    if a is not None and b is not None and (a.vocab_size != b.vocab_size or any(
+            a.token_bytes(i) != b.token_bytes(i) for i in range(a.vocab_size))):
+        raise ValueError("--kl-base: the base model's tokenizer has other tokens than this model's; compare "
+                         "models of one tokenizer")
 
 
 def perplexity(model: Model, tokens, ctx: int = 512, bos_id: int | None = None, base: Model | None = None,

@@ -302,10 +302,17 @@ def test_perplexity_cli_and_kl_base(converted, prose, tmp_path, capsys):
     print("\n" + out)
 
 
-def test_perplexity_refuses_a_base_with_another_vocabulary(ours, tiny_model_file, prose):
+def test_perplexity_refuses_a_base_with_another_vocabulary(ours, converted, tiny_model_file, prose):
     model = ours["f32"]
-    with pytest.raises(ValueError, match="vocabulary .* is not this model's"):
-        llama31.perplexity(model, model.tokenizer.encode(prose), 512, base=llama31.load(tiny_model_file))
+    tokens = model.tokenizer.encode(prose)
+    with pytest.raises(ValueError, match="vocabulary has 256 tokens, this model's 49152"):
+        llama31.perplexity(model, tokens, 512, base=llama31.load(tiny_model_file))
+    from types import SimpleNamespace
+
+    base = llama31.load(converted["f32"])
+    base.tokenizer = SimpleNamespace(vocab_size=49152, token_bytes=lambda i: bytes([i % 256]))
+    with pytest.raises(ValueError, match="tokenizer has other tokens"):
+        llama31.perplexity(model, tokens, 512, base=base)
 
 
 def test_q8_0_kv_cache_close_to_f16(converted, prose):
