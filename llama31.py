@@ -1146,6 +1146,131 @@ def generate_batch(model: Model, prompts, max_tokens: int | None = 256, parallel
 
 
 # -----------------------------------------------------------------------------
+# Perplexity
+# How well a model predicts a text, by llama.cpp's llama-perplexity rule (tools/perplexity/perplexity.cpp) so
+# that the figures compare number for number; with a base model, how far this one's predictions move from it.
+
+
+def read_text(path: str) -> str:
+    """A text file as llama-perplexity reads it: raw UTF-8, one trailing newline dropped."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file; give the text file to score")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw:
+        raise ValueError(f"{path}: the file is empty; give a text file to score")
+    if b"\0" in raw:
+        raise ValueError(f"{path}: a binary file (it holds NUL bytes); give a text file to score")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); give a UTF-8 text file") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
+def perplexity_chunks(tokens, ctx: int, bos_id: int | None) -> np.ndarray:
+    """(C, ctx) chunks of the text's tokens: non-overlapping, the tail that does not fill one dropped, the
+    first token of each replaced by bos_id (None: kept, for tokenizers that add no BOS)."""
+    if ctx < 3:
+        raise ValueError(f"perplexity: ctx {ctx} scores no token (positions ctx/2..ctx-2 of each chunk are "
+                         f"scored); use --ctx 3 or more (llama-perplexity's default is 512)")
+    n_chunks = len(tokens) // ctx
+    if n_chunks < 2:
+        raise ValueError(f"perplexity: the text is {len(tokens)} tokens, fewer than two chunks of {ctx} "
+                         f"({2 * ctx} tokens); give a longer text or a smaller --ctx")
+    chunks = np.array(tokens[:n_chunks * ctx], dtype=np.int64).reshape(n_chunks, ctx)
+    if bos_id is not None:
+        chunks[:, 0] = bos_id
+    return chunks
+
+
+def chunk_logits(model: Model, state: RunState, chunks: np.ndarray) -> np.ndarray:
+    """Logits (n, ctx - 1 - ctx//2, V) float32 at positions ctx//2..ctx-2 of chunks (n, ctx), chunk i in cache
+    slot i from position 0, all of them as rows of calls of up to model.prefill_chunk rows.
+
+    A fresh context per chunk without clearing the cache: a row reads only its slot's positions 0..its own,
+    and this call or an earlier one of the same chunks has just written them."""
+    n, ctx = chunks.shape
+    positions = np.tile(np.arange(ctx), n)  # (n*ctx,)
+    slots = np.repeat(np.arange(n), ctx)
+    scored = np.flatnonzero((positions >= ctx // 2) & (positions < ctx - 1))
+    out = []
+    for start in range(0, n * ctx, model.prefill_chunk):
+        end = min(start + model.prefill_chunk, n * ctx)
+        rows = scored[(scored >= start) & (scored < end)] - start
+        logits = forward(model, state, chunks.reshape(-1)[start:end], positions[start:end], slots[start:end], rows)
+        out.append(model.host(logits).copy())
+    return np.concatenate(out).reshape(n, ctx - 1 - ctx // 2, -1)
+
+
+def log_softmax64(logits: np.ndarray) -> np.ndarray:
+    """log p (R, V) float64 of logits (R, V): logits - logsumexp(logits), the max subtracted before exp"""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _check_same_vocabulary(model: Model, base: Model):
+    if model.config.vocab_size != base.config.vocab_size:
+        raise ValueError(f"--kl-base: the base model's vocabulary has {base.config.vocab_size} tokens, this "
+                         f"model's {model.config.vocab_size}; compare models of one tokenizer")
+    a, b = model.tokenizer, base.tokenizer
+    if a is not None and b is not None and (a.vocab_size != b.vocab_size or any(
+            a.token_bytes(i) != b.token_bytes(i) for i in range(a.vocab_size))):
+        raise ValueError("--kl-base: the base model's tokenizer has other tokens than this model's; compare "
+                         "models of one tokenizer")
+
+
+def perplexity(model: Model, tokens, ctx: int = 512, bos_id: int | None = None, base: Model | None = None,
+               progress=None) -> dict:
+    """llama-perplexity's figures for a text's tokens (tokenized once, BOS as the tokenizer adds it).
+
+    Chunks of ctx tokens (perplexity_chunks), their first token replaced by bos_id (default: the tokenizer's
+    BOS where it adds one, llama-perplexity's rule), max(1, prefill_chunk // ctx) of them per batch as llama.cpp
+    does (n_batch // n_ctx sequences), each scored on positions ctx/2..ctx-2 predicting the next token:
+    nll = logsumexp(logits) - logits[target] in float64. progress(chunks_done, n_chunks, running perplexity)
+    is called after each chunk. Returns ppl, err (ppl * the standard error of the mean nll), n_tokens,
+    n_chunks, ctx; with a base model also kld (mean KL(base || model) per token), kld_err, kld_p99 and top1
+    (the share of positions where both models' most likely token is the same)."""
+    if bos_id is None and model.tokenizer is not None and model.tokenizer.add_bos:
+        bos_id = model.tokenizer.bos_id
+    chunks = perplexity_chunks(tokens, ctx, bos_id)
+    models = [model] if base is None else [model, base]
+    if base is not None:
+        _check_same_vocabulary(model, base)
+    for m in models:
+        if m.ctx < ctx:
+            raise ValueError(f"perplexity: the model was loaded with ctx {m.ctx}, fewer than the chunks' {ctx}")
+    n_seq = max(1, model.prefill_chunk // ctx)
+    states = [m.new_state(n_seq) for m in models]
+    nll, kld, top1 = [], [], []
+    for first in range(0, len(chunks), n_seq):
+        group = chunks[first:first + n_seq]  # (n, ctx)
+        targets = group[:, ctx // 2 + 1:]  # (n, R): the token each scored position predicts
+        logits = [chunk_logits(m, s, group) for m, s in zip(models, states)]  # [(n, R, V)]
+        for i in range(len(group)):
+            log_p = log_softmax64(logits[0][i])  # (R, V)
+            nll.append(-log_p[np.arange(len(log_p)), targets[i]])
+            if base is not None:
+                log_p_base = log_softmax64(logits[1][i])
+                kld.append((np.exp(log_p_base) * (log_p_base - log_p)).sum(axis=-1))
+                top1.append(log_p.argmax(axis=-1) == log_p_base.argmax(axis=-1))
+            if progress is not None:
+                progress(first + i + 1, len(chunks), float(np.exp(np.concatenate(nll).mean())))
+    nll = np.concatenate(nll)
+    N = len(nll)
+    ppl = float(np.exp(nll.mean()))
+    # E = P sqrt((mean(nll^2) - mean(nll)^2) / (N - 1)), the variance taken as numpy's var for its rounding
+    result = dict(ppl=ppl, err=ppl * float(np.sqrt(nll.var() / (N - 1))),
+                  n_tokens=N, n_chunks=len(chunks), ctx=ctx)
+    if base is not None:
+        kld = np.concatenate(kld)
+        result.update(kld=float(kld.mean()), kld_err=float(kld.std() / np.sqrt(N - 1)),
+                      kld_p99=float(np.percentile(kld, 99)), top1=float(np.concatenate(top1).mean()))
+    return result
+
+
+# -----------------------------------------------------------------------------
 # CLI
 # `python llama31.py "prompt"`: find or convert the model, then stream the answer to stdout, stats to stderr.
 
@@ -1244,6 +1369,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offline batch job: one API request per line with an \"id\"; needs --out")
     p.add_argument("--out", metavar="RESULTS_JSONL",
                    help="--batch: results, one line per id, appended as they finish; a rerun skips done ids")
+    p.add_argument("--perplexity", metavar="FILE", help="score a UTF-8 text file by llama-perplexity's rule, in "
+                   "chunks of --ctx tokens (default 512): a running value per chunk, then the perplexity")
+    p.add_argument("--kl-base", metavar="MODEL", help="with --perplexity: also the KL divergence of the model's "
+                   "predictions from this base model's (e.g. the f32 conversion) and how often their top tokens "
+                   "agree")
     return p
 
 
@@ -1252,12 +1382,16 @@ SAMPLING_FLAGS = {"temperature": "temperature", "top_k": "top-k", "top_p": "top-
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    if args.prompt is None and not (args.chat or args.serve or args.batch):
-        parser.error("give a prompt, or --chat for an interactive chat, --serve or --batch")
-    if sum(map(bool, (args.prompt is not None, args.chat, args.serve, args.batch))) > 1:
-        parser.error("give one of: a prompt, --chat, --serve, --batch")
+    modes = {"a prompt": args.prompt is not None, "--chat": args.chat, "--serve": args.serve,
+             "--batch": bool(args.batch), "--perplexity": args.perplexity is not None}
+    if not any(modes.values()):
+        parser.error("give a prompt, or --chat for an interactive chat, --serve, --batch or --perplexity FILE")
+    if sum(modes.values()) > 1:
+        parser.error("give one of: " + ", ".join(modes))
     if bool(args.batch) != bool(args.out):
         parser.error("--batch and --out go together")
+    if args.kl_base is not None and args.perplexity is None:
+        parser.error("--kl-base goes with --perplexity FILE")
     if args.parallel < 1:
         parser.error(f"--parallel must be >= 1, got {args.parallel}")
     if not 0 <= args.port <= 65535:
@@ -1286,6 +1420,22 @@ def print_stats(model: Model, stats: dict, compile_seconds: float = 0.0):
           f"{stats['prompt_tokens']} tokens {prefill_rate:.1f} tok/s{decode}", file=sys.stderr)
 
 
+def print_perplexity(model: Model, args: argparse.Namespace):
+    """--perplexity FILE [--kl-base BASE]: a running value per chunk on stderr, the figures on stdout."""
+    text = read_text(args.perplexity)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model}: this model file has no tokenizer, and perplexity reads text; convert "
+                         f"the checkpoint again with its tokenizer")
+    base = None if args.kl_base is None else load(resolve_model(args.kl_base), backend=model.backend, ctx=model.ctx)
+    result = perplexity(model, model.tokenizer.encode(text), model.ctx, base=base,
+                        progress=lambda done, total, ppl: print(f"[{done}/{total}] {ppl:.4f}", file=sys.stderr))
+    print(f"perplexity: {result['ppl']:.4f} ± {result['err']:.5f} over {result['n_tokens']} tokens "
+          f"({result['n_chunks']} chunks of {model.ctx})")
+    if base is not None:
+        print(f"KL divergence from {args.kl_base}: mean {result['kld']:.6f} ± {result['kld_err']:.6f}, 99th "
+              f"percentile {result['kld_p99']:.6f}, same top token {100 * result['top1']:.2f}%")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1295,12 +1445,16 @@ def main(argv=None) -> int:
         if args.threads is not None:
             kernels.set_threads(args.threads)
         path = resolve_model(args.model)
+        ctx = args.ctx or 512 if args.perplexity is not None else args.ctx  # llama-perplexity's default chunk
         # the kernels compile (first run) or load from numba's cache while the model loads: say it if they compile
         with kernels.numba_compiles(on_first=_say_compiling) as compiled:
-            model = load(path, backend=backend, ctx=args.ctx, cache_type=args.cache_type)
+            model = load(path, backend=backend, ctx=ctx, cache_type=args.cache_type)
         notice = kernels.backend_notice(model.backend)
         if notice:
             print(notice, file=sys.stderr)
+        if args.perplexity is not None:
+            print_perplexity(model, args)
+            return 0
         sampler_args = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repetition_penalty=args.repeat_penalty, seed=args.seed)
         max_tokens = args.max_tokens or None

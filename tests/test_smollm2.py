@@ -203,3 +203,140 @@ def test_chat_ctrl_c_stops_the_answer_and_the_chat_goes_on(ours):
     after = text.split(" [stopped]", 1)[1]
     assert after.strip()  # the second turn was answered
     assert state.lengths[0] > 0
+
+
+# -----------------------------------------------------------------------------
+# Perplexity by llama-perplexity's rule on real prose (Python's reference documentation, which every Python
+# install carries), against transformers and llama.cpp on the same GGUF; the q8_0 KV cache against f16.
+
+PPL_CTX = 512
+Q8_0_CACHE_LOGIT_BOUND = 1.5  # the most a q8_0 KV cache may move a SmolLM2 logit from the f16 cache's
+
+
+@pytest.fixture(scope="session")
+def prose():
+    """The first 8000 characters of pydoc_data.topics' texts: about 1800 SmolLM2 tokens, three chunks of 512."""
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics.values())[:8000]
+
+
+def figures(nll: np.ndarray) -> tuple[float, float]:
+    """(perplexity, ±) of per-token nll, llama-perplexity's formulas."""
+    ppl = float(np.exp(nll.mean()))
+    return ppl, ppl * float(np.sqrt(((nll ** 2).mean() - nll.mean() ** 2) / (len(nll) - 1)))
+
+
+def reference_nll(chunks, logits_of) -> np.ndarray:
+    """nll of positions ctx/2..ctx-2 of each chunk, given a function chunk -> logits (ctx, V)."""
+    first = chunks.shape[1] // 2
+    return np.concatenate([
+        -llama31.log_softmax64(logits_of(chunk)[first:-1])[np.arange(len(chunk) - 1 - first), chunk[first + 1:]]
+        for chunk in chunks])
+
+
+def test_perplexity_f32_matches_transformers(ours, reference, prose):
+    model = ours["f32"]
+    tokens = model.tokenizer.encode(prose)
+    assert not model.tokenizer.add_bos  # SmolLM2's GGUF adds no BOS, so llama-perplexity replaces none
+    got = llama31.perplexity(model, tokens, PPL_CTX)
+    chunks = llama31.perplexity_chunks(tokens, PPL_CTX, None)
+    with torch.no_grad():
+        want, _ = figures(reference_nll(chunks, lambda c: reference(torch.tensor([c])).logits[0].numpy()))
+    print(f"\nperplexity over {got['n_tokens']} tokens: ours f32 {got['ppl']:.5f} ± {got['err']:.5f}, "
+          f"transformers {want:.5f}")
+    assert (got["n_chunks"], got["n_tokens"]) == (3, 3 * 255)
+    assert abs(got["ppl"] - want) / want < 1e-4
+
+
+@pytest.fixture(scope="session")
+def q8_0_gguf(gguf_path, tmp_path_factory):
+    """SmolLM2 requantized to Q8_0 by llama.cpp's own quantizer (bench.py's way), and our bit-exact copy."""
+    pytest.importorskip("llama_cpp")
+    import bench
+
+    gguf = bench.requantize_gguf(gguf_path, "q8_0", str(tmp_path_factory.mktemp("q8_0_gguf")))
+    ours_file = gguf[:-len(".gguf")] + ".bin"
+    convert_weights.convert(gguf, ours_file, quant="q8_0", progress=None)
+    return gguf, ours_file
+
+
+def test_perplexity_q8_0_matches_llama_cpp(q8_0_gguf, prose, monkeypatch):
+    """Our q8_0 file against llama.cpp on the same Q8_0 GGUF, both with an f16 KV cache: within the ±."""
+    import llama_cpp
+
+    # llama.cpp's extra buffer types off (its --no-repack): its AMX matmul crashes on some AMX machines
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params",
+                        lambda: setattr(p := default_params(), "use_extra_bufts", False) or p)
+    gguf, ours_file = q8_0_gguf
+    model = llama31.load(ours_file, cache_type="f16")
+    tokens = model.tokenizer.encode(prose)
+    got = llama31.perplexity(model, tokens, PPL_CTX)
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=PPL_CTX, n_batch=PPL_CTX, n_ubatch=PPL_CTX, logits_all=True,
+                          n_threads=2, verbose=False)
+    assert llm.tokenize(prose.encode(), add_bos=True, special=False) == tokens  # as llama-perplexity tokenizes
+
+    def llama_cpp_logits(chunk):  # a fresh context per chunk, every position's logits
+        llm.reset()
+        llm.eval(chunk.tolist())
+        return np.array(llm.scores[:len(chunk)])
+
+    want, want_err = figures(reference_nll(llama31.perplexity_chunks(tokens, PPL_CTX, None), llama_cpp_logits))
+    print(f"\nperplexity over {got['n_tokens']} tokens: ours q8_0 {got['ppl']:.5f} ± {got['err']:.5f}, "
+          f"llama.cpp Q8_0 {want:.5f} ± {want_err:.5f}")
+    assert abs(got["ppl"] - want) <= min(got["err"], want_err)
+
+
+def test_perplexity_cli_and_kl_base(converted, prose, tmp_path, capsys):
+    text = tmp_path / "prose.txt"
+    text.write_text(prose[:2000] + "\n")
+    assert llama31.main(["-m", converted["q8_0"], "--perplexity", str(text), "--ctx", "128",
+                         "--kl-base", converted["f32"]]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("perplexity: ") and lines[0].endswith(" chunks of 128)")
+    n_chunks = int(lines[0].split("(")[1].split()[0])
+    assert n_chunks >= 2 and f"[{n_chunks}/{n_chunks}]" in err and len(err.splitlines()) == n_chunks
+    assert lines[1].startswith(f"KL divergence from {converted['f32']}: mean ") and "same top token" in lines[1]
+    print("\n" + out)
+
+
+def test_perplexity_refuses_a_base_with_another_vocabulary(ours, converted, tiny_model_file, prose):
+    model = ours["f32"]
+    tokens = model.tokenizer.encode(prose)
+    with pytest.raises(ValueError, match="vocabulary has 256 tokens, this model's 49152"):
+        llama31.perplexity(model, tokens, 512, base=llama31.load(tiny_model_file))
+    from types import SimpleNamespace
+
+    base = llama31.load(converted["f32"])
+    base.tokenizer = SimpleNamespace(vocab_size=49152, token_bytes=lambda i: bytes([i % 256]))
+    with pytest.raises(ValueError, match="tokenizer has other tokens"):
+        llama31.perplexity(model, tokens, 512, base=base)
+
+
+def test_q8_0_kv_cache_close_to_f16(converted, prose):
+    """q8_0 keys and values against f16 on the q8_0 weights: no logit of a 1024-token prompt moves by
+    Q8_0_CACHE_LOGIT_BOUND or more (llama.cpp's q8_0 cache moves SmolLM2's by up to 1.8 on this text, median
+    0.67); greedy tokens are the same for at least 8 tokens of each prompt and part, if at all, where f16's
+    choice leads q8_0's by less than twice the bound; perplexity at most 0.5% higher."""
+    cache = {kind: llama31.load(converted["q8_0"], cache_type=kind) for kind in ("f16", "q8_0")}
+    ids = cache["f16"].tokenizer.encode(prose)[:1024]
+    f16, q8 = (cache[kind].logits(ids) for kind in ("f16", "q8_0"))
+    moved = np.abs(q8 - f16).max(axis=-1)  # (1024,) the most any logit moved, per position
+    print(f"\nq8_0 vs f16 cache over {len(ids)} tokens: logits moved by {np.median(moved):.3f} (median), "
+          f"{moved.max():.3f} (max); top-1 agreement {(q8.argmax(-1) == f16.argmax(-1)).mean():.4f}")
+    assert moved.max() < Q8_0_CACHE_LOGIT_BOUND
+    for prompt in PROMPTS + [CHAT_PROMPT]:
+        ids = prompt_ids(cache["f16"], prompt)
+        f16_tokens, q8_tokens = (our_greedy(cache[kind], ids, GREEDY_TOKENS) for kind in ("f16", "q8_0"))
+        same = next((i for i, (a, b) in enumerate(zip(f16_tokens, q8_tokens)) if a != b), len(f16_tokens))
+        print(f"{prompt[:30]!r}: the first {same} of {len(f16_tokens)} greedy tokens are the same")
+        assert same >= min(8, len(f16_tokens))
+        if same < len(f16_tokens):  # they part at a near tie, one the cache's stated error can flip
+            logits = cache["f16"].logits(ids + f16_tokens[:same])[-1]
+            assert logits[f16_tokens[same]] - logits[q8_tokens[same]] < 2 * Q8_0_CACHE_LOGIT_BOUND
+    tokens = cache["f16"].tokenizer.encode(prose)
+    ppl = {kind: llama31.perplexity(model, tokens, PPL_CTX)["ppl"] for kind, model in cache.items()}
+    print(f"perplexity: f16 cache {ppl['f16']:.5f}, q8_0 cache {ppl['q8_0']:.5f}")
+    assert ppl["q8_0"] / ppl["f16"] - 1 < 0.005
