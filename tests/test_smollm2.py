@@ -210,7 +210,7 @@ def test_chat_ctrl_c_stops_the_answer_and_the_chat_goes_on(ours):
 # install carries), against transformers and llama.cpp on the same GGUF; the q8_0 KV cache against f16.
 
 PPL_CTX = 512
-Q8_0_CACHE_LOGIT_BOUND = 1.5  # the most a q8_0 KV cache may move a SmolLM2 logit from the f16 cache's
+Q8_0_CACHE_LOGIT_BOUND = 2.0  # the most a q8_0 KV cache may move a SmolLM2 logit from the f16 cache's (llama.cpp's: 1.8)
 
 
 @pytest.fixture(scope="session")
