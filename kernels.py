@@ -41,6 +41,7 @@ op name to OPS; add a test in tests/test_kernels.py against <op>_ref with sizes 
 and a call to _check_calls for `python kernels.py`, which checks every op of every backend here at once.
 """
 
+import concurrent.futures
 import contextlib
 import sys
 import time
@@ -2370,11 +2371,29 @@ def zeros_aligned(shape, dtype=np.float32, align: int = 64) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
+# numba's "omp" threading layer (libgomp) keeps a team of threads per thread that calls a parallel kernel; once
+# the teams outnumber the cores, its workers sleep between parallel regions instead of spinning, and a second
+# calling thread (a server's scheduler, after load() ran the kernels on the main thread) decoded SmolLM2 at
+# 26.5 ms a token instead of 6.0 (measured). So every numba kernel runs on this one thread.
+_KERNEL_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama31-kernels")
+
+
+def on_kernel_thread(fn, *args):
+    """fn(*args) run on the numba kernels' one thread: its result, or its exception raised here."""
+    return _KERNEL_THREAD.submit(fn, *args).result()
+
+
+def _on_this_thread(fn, *args):
+    return fn(*args)
+
+
 def ops_for(backend: str) -> types.SimpleNamespace:
-    """The op functions of one backend by op name, plus `xp` (the array module of its buffers) and `zeros`."""
+    """The op functions of one backend by op name, plus `xp` (the array module of its buffers), `zeros`, and
+    `run(fn, *args)`, which calls fn where this backend's kernels must run."""
     suffix = BACKENDS[backend]
     xp, zeros = (cupy, cupy.zeros) if backend == "cupy" else (np, zeros_aligned)
-    return types.SimpleNamespace(xp=xp, zeros=zeros, **{op: globals()[op + suffix] for op in OPS})
+    run = on_kernel_thread if backend == "numba" else _on_this_thread
+    return types.SimpleNamespace(xp=xp, zeros=zeros, run=run, **{op: globals()[op + suffix] for op in OPS})
 
 
 def set_threads(n: int):
@@ -2383,7 +2402,8 @@ def set_threads(n: int):
         raise RuntimeError("--threads needs numba: pip install numba")
     if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
         raise ValueError(f"threads must be in 1..{numba.config.NUMBA_NUM_THREADS} on this machine, got {n}")
-    numba.set_num_threads(n)
+    numba.set_num_threads(n)  # numba's setting is per calling thread: here and on the kernel thread
+    on_kernel_thread(numba.set_num_threads, n)
 
 
 if numba is not None:

@@ -396,6 +396,10 @@ def forward(model: "Model", state: RunState, tokens, positions, slots, logit_row
     caller keeps state.lengths. Returns the logits (R, V) of the rows logit_rows (a slice or an index
     array), a view of state.logits.
     """
+    return model.ops.run(_forward, model, state, tokens, positions, slots, logit_rows)  # numba: its kernel thread
+
+
+def _forward(model: "Model", state: RunState, tokens, positions, slots, logit_rows):
     cfg, w, ops = model.config, model.weights, model.ops
     T = len(tokens)
     H, KV, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim

@@ -8,6 +8,7 @@ Also: the backend table without numba, and the whole model on numba against the 
 """
 
 import platform
+import threading
 
 import numpy as np
 import pytest
@@ -390,3 +391,17 @@ def test_model_logits_match_numpy_backend(tiny_files, monkeypatch, kind):
     tol = 0.1 if kind in kernels.QUANTIZED else 1e-3
     for g, r in zip(got, ref):
         assert np.max(np.abs(g - r)) <= tol * np.std(r), f"{kind}: max diff {np.max(np.abs(g - r)):.3g}"
+
+
+@needs_numba
+def test_numba_kernels_run_on_one_thread_whoever_calls():
+    """libgomp makes a second thread that runs parallel kernels 4x slower (kernels.on_kernel_thread): every
+    caller's forward runs on the one kernel thread, not on the caller's own."""
+    run = kernels.ops_for("numba").run
+    threads = {run(threading.get_ident)}
+    caller = threading.Thread(target=lambda: threads.add(run(threading.get_ident)))
+    caller.start()
+    caller.join()
+    assert len(threads) == 1 and threading.get_ident() not in threads and caller.ident not in threads
+    with pytest.raises(ZeroDivisionError):  # its exceptions reach the caller
+        run(lambda: 1 / 0)
