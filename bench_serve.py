@@ -304,7 +304,10 @@ def main(argv=None) -> int:
     os.makedirs(workdir, exist_ok=True)
     files = model_files(args.model, workdir)
     vocab_size = llama31.load_weights(files[1])[0].vocab_size
-    engines = ["llama31"] + (["llama.cpp"] if args.llama_server else [])
+    if args.llama_server not in (None, "none") and not os.access(args.llama_server, os.X_OK):
+        raise SystemExit(f"bench_serve: --llama-server {args.llama_server}: no such program; give the path of a "
+                         f"llama-server binary, or none for llama31 alone")
+    engines = ["llama31"] + (["llama.cpp"] if args.llama_server not in (None, "none") else [])
     results = {}
     for i, engine in enumerate(engines):
         port = args.port + i

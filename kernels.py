@@ -66,10 +66,11 @@ NUMBA_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 def _njit(**options):
     """numba.njit(**options) with numpy's error model (x / 0 is inf or NaN, as in the references; Python's
-    model checks every division, which stops LLVM vectorising loops that divide). Without numba, a
+    model checks every division, which stops LLVM vectorising loops that divide), releasing the GIL (a
+    server's HTTP threads send the last step's tokens while the next step's kernels run). Without numba, a
     stand-in whose functions raise with the install hint."""
     if numba is not None:
-        return numba.njit(error_model="numpy", **options)
+        return numba.njit(error_model="numpy", nogil=True, **options)
 
     def missing(fn):
         def raise_missing(*args, **kwargs):

@@ -947,11 +947,13 @@ class Engine:
     """Serves requests on `parallel` KV-cache slots of model.ctx positions each; see submit()."""
 
     def __init__(self, model: Model, parallel: int = 4, max_queue: int | None = 64,
-                 mixed_prefill_rows: int = 32):
+                 mixed_prefill_rows: int = 16):
         if not 1 <= parallel <= model.prefill_chunk:
             raise ValueError(f"parallel must be in 1..{model.prefill_chunk} (rows of one step), got {parallel}")
         self.model, self.parallel, self.max_queue = model, parallel, max_queue
         # prompt rows in a step that also decodes: a bounded chunk, so running streams don't stall behind it
+        # (16: SmolLM2's p95 inter-token gap of 4 streams during a long prefill 2.0-2.2x their gap outside,
+        # 3.3-4.0x with 32, for a 25% later first token of the long prompt; measured with bench_serve.py)
         self.mixed_prefill_rows = mixed_prefill_rows
         self.state = model.new_state(n_slots=parallel)
         self.slots = [Slot([]) for _ in range(parallel)]

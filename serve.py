@@ -717,6 +717,9 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive for JSON responses; streams close their connection
     server_version = f"llama31/{llama31.__version__}"
     timeout = SOCKET_TIMEOUT_SECONDS
+    # each SSE event is a small write that the client should get at once, not when Nagle's algorithm has
+    # waited for the ACK of the last one
+    disable_nagle_algorithm = True
 
     def do_GET(self):
         self._handle("GET")
