@@ -277,15 +277,17 @@ def random_blocks(n: int, k: int, quant: str, seed: tuple) -> np.ndarray:
     return np.concatenate([d, q.view(np.uint8)], axis=-1).reshape(n, -1)
 
 
-def random_gguf(shape: str, quant: str, workdir: str) -> str:
+def random_gguf(shape: str, quant: str, workdir: str, vocabulary: dict | None = None) -> str:
     """A llama GGUF of `shape`: random matrices (random_blocks), unit norms, llama.cpp's rope_freqs for the
-    shape's RoPE scaling, and a placeholder vocabulary (byte tokens, then t<i>): the weights are what matters."""
+    shape's RoPE scaling, and a placeholder vocabulary (byte tokens, then t<i>): the weights are what matters.
+    vocabulary: a real one instead (bench_serve.llama3_vocabulary: tokens, merges, types, bos and eos ids)."""
     import gguf
 
     import convert_weights
     import llama31
 
-    out = os.path.join(workdir, f"random-{shape}-{quant}.gguf")
+    name = f"random-{shape}-{quant}" + ("" if vocabulary is None else f"-{vocabulary['name']}")
+    out = os.path.join(workdir, name + ".gguf")
     if os.path.exists(out):
         return out
     cfg = llama31.Config.from_dict(RANDOM_SHAPES[shape]) if RANDOM_SHAPES[shape] else llama31.Config()
@@ -297,14 +299,23 @@ def random_gguf(shape: str, quant: str, workdir: str) -> str:
                        (w.add_rope_freq_base, cfg.rope_theta), (w.add_layer_norm_rms_eps, cfg.norm_eps),
                        (w.add_rope_dimension_count, cfg.head_dim), (w.add_vocab_size, cfg.vocab_size)):
         add(value)
-    specials = ["<unk>", "<s>", "</s>"]
-    w.add_tokenizer_model("llama")  # sentencepiece-style: needs the 256 byte tokens, nothing else
-    w.add_token_list(specials + [f"<0x{b:02X}>" for b in range(256)] + [f"t{i}" for i in range(
-        cfg.vocab_size - 259)])
-    w.add_token_scores([0.0] * cfg.vocab_size)
-    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (cfg.vocab_size - 259))  # unknown, control, byte, normal
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    if vocabulary is None:
+        specials = ["<unk>", "<s>", "</s>"]
+        w.add_tokenizer_model("llama")  # sentencepiece-style: needs the 256 byte tokens, nothing else
+        w.add_token_list(specials + [f"<0x{b:02X}>" for b in range(256)] + [f"t{i}" for i in range(
+            cfg.vocab_size - 259)])
+        w.add_token_scores([0.0] * cfg.vocab_size)
+        w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (cfg.vocab_size - 259))  # unknown, control, byte, normal
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(vocabulary["pre"])
+        w.add_token_list(vocabulary["tokens"])
+        w.add_token_merges(vocabulary["merges"])
+        w.add_token_types(vocabulary["types"])
+        w.add_bos_token_id(vocabulary["bos"])
+        w.add_eos_token_id(vocabulary["eos"])
     tensors = []  # (GGUF name, array to write; None: a random matrix of that shape)
     if cfg.rope_scaling is not None:  # llama.cpp keeps Llama 3.1's scaling as divisors of the frequencies
         plain = llama31.rope_frequencies(llama31.Config(**{**vars(cfg), "rope_scaling": None}))

@@ -43,8 +43,8 @@ import bench
 
 
 def llama3_vocabulary() -> dict:
-    """GGUF tokenizer metadata for Meta's Llama 3 vocabulary: byte-level tokens and merges (HF's rule:
-    every split of a token into two tokens is a merge at the token's rank)."""
+    """GGUF tokenizer metadata for Meta's Llama 3 vocabulary, as bench.random_gguf takes it: byte-level tokens
+    and merges (HF's rule: every split of a token into two tokens is a merge at the token's rank)."""
     import pathlib
 
     import llama_models
@@ -57,60 +57,9 @@ def llama3_vocabulary() -> dict:
                     for k in range(1, len(t)) if t[:k] in ids and t[k:] in ids)
     text = tokenizer._bytes_to_unicode_text
     tokens = [text(tok.token_bytes(i)) for i in range(128000)] + tokenizer.LLAMA3_SPECIAL_TOKENS
-    return {"tokens": tokens, "merges": [f"{text(a)} {text(b)}" for *_, a, b in merges],
+    return {"name": "llama3-vocab", "pre": "llama-bpe", "tokens": tokens, "bos": 128000, "eos": 128009,
+            "merges": [f"{text(a)} {text(b)}" for *_, a, b in merges],
             "types": [1] * 128000 + [3] * len(tokenizer.LLAMA3_SPECIAL_TOKENS)}
-
-
-def random_gguf(shape: str, workdir: str) -> str:
-    """A llama GGUF of `shape` with random Q8_0 matrices (std 0.02), unit norms and the Llama 3 vocabulary."""
-    import gguf
-
-    import convert_weights
-    import llama31
-
-    out = os.path.join(workdir, f"random-{shape}.q8_0.gguf")
-    if os.path.exists(out):
-        return out
-    cfg = llama31.Config.from_dict(bench.RANDOM_SHAPES[shape])
-    print(f"writing {out} (random weights, once)", file=sys.stderr)
-    w = gguf.GGUFWriter(out + ".partial", "llama")
-    for add, value in ((w.add_block_count, cfg.n_layers), (w.add_context_length, cfg.max_seq_len),
-                       (w.add_embedding_length, cfg.dim), (w.add_feed_forward_length, cfg.hidden_dim),
-                       (w.add_head_count, cfg.n_heads), (w.add_head_count_kv, cfg.n_kv_heads),
-                       (w.add_rope_freq_base, cfg.rope_theta), (w.add_layer_norm_rms_eps, cfg.norm_eps),
-                       (w.add_rope_dimension_count, cfg.head_dim), (w.add_vocab_size, cfg.vocab_size)):
-        add(value)
-    vocab = llama3_vocabulary()
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
-    w.add_token_list(vocab["tokens"])
-    w.add_token_merges(vocab["merges"])
-    w.add_token_types(vocab["types"])
-    w.add_bos_token_id(128000)
-    w.add_eos_token_id(128009)
-    # llama.cpp keeps Llama 3.1's RoPE scaling as divisors of the plain frequencies
-    plain = llama31.rope_frequencies(llama31.Config.from_dict(dict(bench.RANDOM_SHAPES[shape], rope_scaling=None)))
-    w.add_tensor("rope_freqs.weight", (plain / llama31.rope_frequencies(cfg)).astype(np.float32))
-    rng = np.random.default_rng(0)
-    for name, full_shape, is_matrix in llama31.tensor_table(cfg):
-        per_layer = name in convert_weights.PER_LAYER
-        for l in (range(cfg.n_layers) if per_layer else [None]):
-            shape_ = full_shape[1:] if per_layer else full_shape
-            gname = convert_weights.GGUF_NAMES[name].format(l=l)
-            if not is_matrix:
-                w.add_tensor(gname, np.ones(shape_, np.float32))
-                continue
-            n, k = shape_
-            blocks = np.empty((n, k // 32, 34), np.uint8)  # ggml block_q8_0: f16 scale, then 32 int8
-            blocks[..., :2] = np.full((n, k // 32), 0.02 / 73.3, np.float16).view(np.uint8).reshape(n, k // 32, 2)
-            blocks[..., 2:] = rng.integers(-127, 128, (n, k // 32, 32), dtype=np.int8).view(np.uint8)
-            w.add_tensor(gname, blocks.reshape(n, -1), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(out + ".partial", out)
-    return out
 
 
 def model_files(model: str, workdir: str) -> tuple[str, str]:
@@ -118,7 +67,7 @@ def model_files(model: str, workdir: str) -> tuple[str, str]:
     import llama31
 
     if model.startswith("random:"):
-        gguf = random_gguf(model.split(":", 1)[1], workdir)
+        gguf = bench.random_gguf(model.split(":", 1)[1], "q8_0", workdir, vocabulary=llama3_vocabulary())
     else:
         gguf = bench.requantize_gguf(llama31.default_gguf() if model == "smollm2" else model, "q8_0", workdir)
     return gguf, bench.convert_gguf(gguf, "q8_0")
