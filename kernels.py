@@ -43,6 +43,7 @@ and a call to _check_calls for `python kernels.py`, which checks every op of eve
 
 import concurrent.futures
 import contextlib
+import mmap
 import sys
 import time
 import types
@@ -2361,14 +2362,13 @@ def backend_notice(chosen: str) -> str | None:
     return None
 
 
-def zeros_aligned(shape, dtype=np.float32, align: int = 64) -> np.ndarray:
-    """np.zeros whose data starts at a multiple of `align` bytes. numpy aligns to 16, so a 64-byte vector
-    load from its buffers straddles two cache lines 3 times in 4; the numba kernels' activation buffers
-    and KV cache should come from here (measured: SmolLM2 decode 10% faster)."""
+def zeros_aligned(shape, dtype=np.float32) -> np.ndarray:
+    """Zeros in fresh anonymous memory: page-aligned, where numpy aligns to 16 and a 64-byte vector load from
+    its buffers straddles two cache lines 3 times in 4 (measured: SmolLM2 decode 10% faster aligned); and in
+    4 KB pages, where numpy asks Linux for transparent huge pages on large arrays, whose first touch here
+    stalled on compaction (SmolLM2's first forward after load: 145-313 ms, 29 ms without huge pages)."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    raw = np.zeros(nbytes + align, np.uint8)
-    start = -raw.ctypes.data % align
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype, int(np.prod(shape))).reshape(shape)
 
 
 # numba's "omp" threading layer (libgomp) keeps a team of threads per thread that calls a parallel kernel; once
