@@ -6,6 +6,7 @@ fixture is built once per session from a fixed seed; nothing is downloaded. Run 
 """
 
 import io
+import pathlib
 
 import pytest
 
@@ -62,3 +63,12 @@ def tiny_hf_dir(tmp_path_factory, tiny_weights) -> str:
     build_hf_checkpoint(path, TINY, weights=tiny_weights, max_shard_size="100KB")
     return str(path)
 
+
+@pytest.fixture(scope="session")
+def llama3_path():
+    """Meta's Llama 3 tokenizer.model as the llama-models package ships it (skips without it)."""
+    llama_models = pytest.importorskip("llama_models")
+    path = pathlib.Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    if not path.exists():
+        pytest.skip(f"llama-models ships no {path}")
+    return path

@@ -34,15 +34,6 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
-def llama3_path():
-    llama_models = pytest.importorskip("llama_models")
-    path = pathlib.Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
-    if not path.exists():
-        pytest.skip(f"llama-models ships no {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
 def llama3(llama3_path):
     return tokenizer.load(llama3_path)
 

@@ -49,15 +49,6 @@ def corpus_texts():
 
 
 @pytest.fixture(scope="module")
-def llama3_path():
-    llama_models = pytest.importorskip("llama_models")
-    path = pathlib.Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
-    if not path.exists():
-        pytest.skip(f"llama-models ships no {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
 def llama3(llama3_path):
     """The pure-Python path (tiktoken off), the one under test."""
     return tokenizer.load(llama3_path, use_tiktoken=False)
